@@ -1,0 +1,154 @@
+"""PyTorch helpers: devices, seeding, weight init, model size and FLOPs, EMA."""
+
+from __future__ import annotations
+
+import math
+import os
+import random
+import time
+from copy import deepcopy
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn as nn
+from torch.utils.flop_counter import FlopCounterMode
+
+from utils.general import LOGGER
+
+
+def select_device(device: str | int = "", batch_size: int = 0) -> torch.device:
+    """'' (CUDA 0 if available, else CPU), 'cpu', 'mps', '0' or '0,1,2,3' -> torch.device.
+
+    Raises ValueError with the valid choices when the request cannot be met.
+    """
+    spec = str(device).strip().lower().replace("cuda:", "").replace(" ", "")
+    if spec == "cpu":
+        return torch.device("cpu")
+    if spec == "mps":
+        if not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+            raise ValueError("--device mps requested but MPS is not available; use --device cpu")
+        return torch.device("mps")
+    if spec == "":
+        return torch.device("cuda:0" if torch.cuda.is_available() else "cpu")
+    ids = spec.split(",")
+    if not all(i.isdigit() for i in ids):
+        raise ValueError(f"invalid --device {device!r}; use cpu, mps, or CUDA indices like 0 or 0,1,2,3")
+    n = torch.cuda.device_count()
+    missing = [i for i in ids if int(i) >= n]
+    if missing:
+        have = f"{n} CUDA device(s)" if n else "no CUDA device"
+        raise ValueError(f"invalid --device {device!r}: this machine has {have}; use --device cpu")
+    if batch_size and len(ids) > 1 and batch_size % len(ids):
+        raise ValueError(f"--batch-size {batch_size} is not a multiple of the {len(ids)} GPUs")
+    return torch.device(f"cuda:{ids[0]}")
+
+
+def init_seeds(seed: int = 0, deterministic: bool = False) -> None:
+    """Seed Python, NumPy and torch; with deterministic, ask torch for deterministic kernels."""
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    torch.cuda.manual_seed_all(seed)
+    if deterministic:
+        torch.use_deterministic_algorithms(True, warn_only=True)
+        torch.backends.cudnn.deterministic = True
+        os.environ["CUBLAS_WORKSPACE_CONFIG"] = ":4096:8"
+        os.environ["PYTHONHASHSEED"] = str(seed)
+
+
+def time_sync() -> float:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    return time.perf_counter()
+
+
+def initialize_weights(model: nn.Module) -> None:
+    """In-place activations everywhere they are safe; conv init stays torch's default."""
+    for m in model.modules():
+        if isinstance(m, (nn.Hardswish, nn.LeakyReLU, nn.ReLU, nn.ReLU6, nn.SiLU)):
+            m.inplace = True
+
+
+def count_flops(model: nn.Module, x: Any) -> int:
+    """Floating-point operations (multiply and add counted separately) of one forward pass."""
+    counter = FlopCounterMode(display=False)
+    with torch.no_grad(), counter:
+        model(x)
+    return counter.get_total_flops()
+
+
+def model_gflops(model: nn.Module, imgsz: int = 640) -> float:
+    """GFLOPs at imgsz x imgsz, measured on a small input and scaled by area (exact for convolutions)."""
+    stride = int(max(getattr(model, "stride", torch.tensor([32])).max(), 32))
+    ch = int(getattr(model, "yaml", {}).get("ch", 3))
+    probe = torch.zeros(1, ch, stride * 2, stride * 2, device=next(model.parameters()).device)
+    was_training = model.training
+    model.eval()
+    try:
+        flops = count_flops(model, probe)
+    finally:
+        model.train(was_training)
+    return flops / 1e9 * (imgsz / (stride * 2)) ** 2
+
+
+def model_info(model: nn.Module, verbose: bool = False, imgsz: int = 640) -> dict[str, float]:
+    """Log and return layer count, parameters, gradients and GFLOPs at imgsz."""
+    n_p = sum(p.numel() for p in model.parameters())
+    n_g = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    if verbose:
+        for i, (name, p) in enumerate(model.named_parameters()):
+            LOGGER.info(f"{i:5g} {name:>50} {p.requires_grad!s:>9} {p.numel():12g} {list(p.shape)!s:>20}")
+    gflops = model_gflops(model, imgsz)
+    layers = len(list(model.modules()))
+    name = type(model).__name__
+    cfg = getattr(model, "yaml", {}).get("yaml_file")
+    label = f"{name} ({os.path.basename(cfg)})" if cfg else name
+    LOGGER.info(f"{label} summary: {layers} layers, {n_p:,} parameters, {n_g:,} gradients, "
+                f"{gflops:.1f} GFLOPs at {imgsz}")  # fmt: skip
+    return {"layers": layers, "params": n_p, "gradients": n_g, "gflops": gflops}
+
+
+def profile_layers(m: nn.Module, x: Any, runs: int = 3) -> tuple[float, float]:
+    """(mean forward milliseconds, GFLOPs) of one layer on input x."""
+    flops = count_flops(m, x) / 1e9
+    with torch.no_grad():
+        t0 = time_sync()
+        for _ in range(runs):
+            m(x)
+        ms = (time_sync() - t0) / runs * 1000
+    return ms, flops
+
+
+def de_parallel(model: nn.Module) -> nn.Module:
+    """The bare model inside DataParallel / DistributedDataParallel."""
+    return (
+        model.module
+        if isinstance(model, (nn.parallel.DataParallel, nn.parallel.DistributedDataParallel))
+        else model
+    )
+
+
+class ModelEMA:
+    """Exponential moving average of model weights; decay ramps up as 0.9999 * (1 - exp(-updates / 2000))."""
+
+    def __init__(self, model: nn.Module, decay: float = 0.9999, tau: float = 2000, updates: int = 0):
+        self.ema = deepcopy(de_parallel(model)).eval()
+        self.updates = updates
+        self.decay_max, self.tau = decay, tau
+        for p in self.ema.parameters():
+            p.requires_grad_(False)
+
+    def decay(self) -> float:
+        return self.decay_max * (1 - math.exp(-self.updates / self.tau))
+
+    @torch.no_grad()
+    def update(self, model: nn.Module) -> None:
+        self.updates += 1
+        d = self.decay()
+        msd = de_parallel(model).state_dict()
+        for k, v in self.ema.state_dict().items():
+            if v.dtype.is_floating_point:
+                v.mul_(d).add_(msd[k].detach(), alpha=1 - d)
+            else:
+                v.copy_(msd[k])
