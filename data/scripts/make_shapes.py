@@ -251,11 +251,12 @@ def write_split(out: Path, split: str, count: int, seed: int) -> None:
 
 
 def _video_state(rng: np.random.Generator, n: int, h: int, w: int) -> list[dict]:
+    """Moving shapes for the demo video; shape k has class k % 6 so every class appears."""
     objs = []
-    for _ in range(n):
+    for k in range(n):
         r = min(h, w) * rng.uniform(0.05, 0.16)
         objs.append({
-            "cls": int(rng.integers(0, len(CLASSES))), "r": r, "colour": _random_colour(rng),
+            "cls": k % len(CLASSES), "r": r, "colour": _random_colour(rng),
             "pos": rng.uniform([r, r], [w - r, h - r]), "vel": rng.uniform(-6, 6, 2),
             "angle": rng.uniform(0, 2 * math.pi), "spin": rng.uniform(-0.1, 0.1),
         })  # fmt: skip
@@ -269,7 +270,7 @@ def write_demo(out: Path, seed: int, n_images: int = 6, frames: int = 60, fps: i
     for i in range(n_images):
         rng = image_rng(seed, "demo", i)
         h, w = (int(v) for v in rng.integers(360, 641, 2))
-        im, _ = render_scene(rng, h, w)
+        im, _ = render_scene(rng, h, w, n_shapes=int(rng.integers(4, 9)))
         cv2.imwrite(str(demo / f"demo_{i:02d}.jpg"), im, [cv2.IMWRITE_JPEG_QUALITY, 92])
     if frames <= 0:
         return
