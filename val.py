@@ -124,9 +124,10 @@ def _input_size(backend: AutoBackend, imgsz: int, batch_size: int) -> tuple[int,
         if h != imgsz:
             LOGGER.warning(f"WARNING: this export takes {h}x{w} inputs only, using --imgsz {h}")
         imgsz = h
-    if not backend.dynamic and batch_size != 1:
-        LOGGER.info("Exported model has a fixed batch shape: using --batch-size 1")
-        batch_size = 1
+    fixed_batch = None if backend.dynamic else (getattr(backend, "batch_size", None) or 1)
+    if fixed_batch is not None and batch_size != fixed_batch:
+        LOGGER.info(f"This export has a fixed batch shape: using --batch-size {fixed_batch}")
+        batch_size = fixed_batch
     return imgsz, batch_size
 
 
