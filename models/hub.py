@@ -18,7 +18,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from utils.general import check_img_size
+from utils.general import LOGGER, check_img_size
 from utils.predict import NMSConfig, Timer, postprocess, to_tensor
 from utils.results import Detections
 from utils.sources import SourceError, prepare_image, read_image
@@ -100,6 +100,8 @@ class Predictor(nn.Module):
         items = list(ims) if isinstance(ims, (list, tuple)) else [ims]
         size = list(size) if isinstance(size, (list, tuple)) else [size, size]
         fixed = getattr(self.model, "imgsz", None)  # a fixed-shape export takes only its own size
+        if fixed is not None and [int(v) for v in fixed] != [int(v) for v in size]:
+            LOGGER.warning(f"WARNING: this export takes {fixed[0]}x{fixed[1]} inputs; size={size} ignored")
         size = [int(v) for v in fixed] if fixed is not None else check_img_size(size, self.stride)
         auto = bool(getattr(self.model, "dynamic", True))
         cfg = NMSConfig(self.conf, self.iou, self.classes, self.agnostic, self.multi_label, self.max_det)
