@@ -193,7 +193,7 @@ class DetectionModel(nn.Module):
             raise TypeError("the last row of a detection model YAML must be Detect")
         return head
 
-    def _probe_strides(self, ch: int, size: int = 256) -> torch.Tensor:
+    def _probe_strides(self, ch: int, size: int = 64) -> torch.Tensor:
         """Output strides from one forward pass of a blank image (train mode returns raw maps)."""
         was_training = self.training
         self.train()

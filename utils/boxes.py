@@ -170,20 +170,20 @@ def scale_boxes(
 ) -> Boxes:
     """Map xyxy ``boxes`` from a letterboxed image ``img1_shape`` (h, w) back to the original ``img0_shape``.
 
-    ``ratio_pad`` is ``((ratio_h, ratio_w), (padw, padh))`` as the dataloader reports it; without it the
+    ``ratio_pad`` is ``((gain_h, gain_w), (padw, padh))`` as the dataloader reports it; without it the
     gain and padding are recomputed the way ``letterbox`` pads (centred, the left/top side rounded with
     ``round(pad - 0.1)``). Works in place on ``boxes`` (any float ``(..., 4)``) and returns it, clipped.
     """
     if ratio_pad is None:
-        gain = min(img1_shape[0] / img0_shape[0], img1_shape[1] / img0_shape[1])
-        padw = round((img1_shape[1] - img0_shape[1] * gain) / 2 - 0.1)
-        padh = round((img1_shape[0] - img0_shape[0] * gain) / 2 - 0.1)
-    else:
-        gain = ratio_pad[0][0]
-        padw, padh = ratio_pad[1][0], ratio_pad[1][1]
+        gain_h = gain_w = min(img1_shape[0] / img0_shape[0], img1_shape[1] / img0_shape[1])
+        padw = round((img1_shape[1] - img0_shape[1] * gain_w) / 2 - 0.1)
+        padh = round((img1_shape[0] - img0_shape[0] * gain_h) / 2 - 0.1)
+    else:  # each side was rounded on resize, so the two gains may differ slightly
+        (gain_h, gain_w), (padw, padh) = ratio_pad[0], ratio_pad[1]
     boxes[..., [0, 2]] -= padw
     boxes[..., [1, 3]] -= padh
-    boxes[..., :4] /= gain
+    boxes[..., [0, 2]] /= gain_w
+    boxes[..., [1, 3]] /= gain_h
     return clip_boxes(boxes, img0_shape)
 
 

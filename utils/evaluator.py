@@ -110,15 +110,10 @@ def _to_original(boxes: torch.Tensor, im_hw: Sequence[int], shape_info: Any) -> 
     """(n, 4) xyxy boxes on the letterboxed input (h, w) -> original image pixels, clipped.
 
     ``shape_info`` is the loader's ``((h0, w0), ((gain_h, gain_w), (padw, padh)))`` (None: no letterbox).
-    The loader rounds each resized side, so the two gains differ slightly (up to ~1% on small images);
-    ``scale_boxes`` applies one gain to both axes, so each axis is mapped with its own gain here.
     """
     if shape_info is None:
         return scale_boxes(im_hw, boxes.clone(), im_hw, ((1.0, 1.0), (0.0, 0.0)))
-    original, ((gain_h, gain_w), pad) = shape_info
-    x = scale_boxes(im_hw, boxes.clone(), original, ((gain_w, gain_w), pad))
-    y = scale_boxes(im_hw, boxes.clone(), original, ((gain_h, gain_h), pad))
-    return torch.stack((x[:, 0], y[:, 1], x[:, 2], y[:, 3]), 1)
+    return scale_boxes(im_hw, boxes.clone(), shape_info[0], shape_info[1])
 
 
 @dataclass(frozen=True)

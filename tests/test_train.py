@@ -1,0 +1,103 @@
+"""Short CPU training runs on a tiny generated dataset: outputs, resume after a kill, bad data."""
+
+from __future__ import annotations
+
+import csv
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from utils.checkpoints import load_checkpoint
+
+ROOT = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def tiny_data(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("shapes")
+    subprocess.run(
+        [sys.executable, "data/scripts/make_shapes.py", "--out", str(root), "--train", "24", "--val", "8",
+         "--video-frames", "0"],
+        cwd=ROOT, check=True, capture_output=True, timeout=120,
+    )  # fmt: skip
+    data = root / "tiny.yaml"
+    names = "\n".join(
+        f"  {i}: {n}" for i, n in enumerate(["circle", "square", "triangle", "star", "hexagon", "cross"])
+    )
+    data.write_text(f"path: {root}\ntrain: images/train\nval: images/val\nnames:\n{names}\n")
+    return data
+
+
+def _train_cmd(data: Path, project: Path, *extra: str) -> list[str]:
+    return [sys.executable, "train.py", "--data", str(data), "--cfg", "yolov5n.yaml", "--img", "64",
+            "--batch-size", "8", "--workers", "0", "--project", str(project), "--name", "exp", *extra]  # fmt: skip
+
+
+def _rows(csv_path: Path) -> list[dict[str, str]]:
+    with open(csv_path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def test_short_training_run_writes_weights_and_results(tiny_data, tmp_path):
+    out = subprocess.run(_train_cmd(tiny_data, tmp_path, "--epochs", "2"), cwd=ROOT, capture_output=True,
+                         text=True, timeout=600)  # fmt: skip
+    assert out.returncode == 0, out.stderr[-3000:]
+    run = tmp_path / "exp"
+    for name in ("weights/last.pt", "weights/best.pt", "results.csv", "results.png", "hyp.yaml", "opt.yaml",
+                 "labels.jpg", "train_batch0.jpg", "confusion_matrix.png", "PR_curve.png"):  # fmt: skip
+        assert (run / name).is_file(), f"missing {name}"
+    rows = _rows(run / "results.csv")
+    assert [r["epoch"] for r in rows] == ["0", "1"]
+    assert list(rows[0])[:8] == ["epoch", "train/box_loss", "train/obj_loss", "train/cls_loss", "metrics/precision",
+                                 "metrics/recall", "metrics/mAP_0.5", "metrics/mAP_0.5:0.95"]  # fmt: skip
+    assert all(float(r["train/box_loss"]) > 0 for r in rows)
+    ckpt = torch.load(run / "weights/last.pt", map_location="cpu", weights_only=True)
+    assert ckpt["epoch"] == 1 and ckpt["names"][0] == "circle" and ckpt["model_yaml"]["nc"] == 6
+    assert ckpt["optimizer"] is not None and ckpt["ema"] is not None
+
+
+def test_resume_after_kill_continues_from_saved_epoch(tiny_data, tmp_path):
+    proc = subprocess.Popen(_train_cmd(tiny_data, tmp_path, "--epochs", "4"), cwd=ROOT,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    last = tmp_path / "exp" / "weights" / "last.pt"
+    deadline = time.time() + 600
+    try:
+        while time.time() < deadline and proc.poll() is None:
+            if last.exists() and load_checkpoint(last)["epoch"] >= 0:
+                break
+            time.sleep(0.2)
+        assert proc.poll() is None, "training finished before it could be killed; make it longer"
+        os.kill(proc.pid, signal.SIGKILL)
+    finally:
+        proc.wait(timeout=60)
+    saved_epoch = load_checkpoint(last)["epoch"]
+    assert saved_epoch < 3
+    out = subprocess.run([sys.executable, "train.py", "--resume", str(last), "--workers", "0"], cwd=ROOT,
+                         capture_output=True, text=True, timeout=600)  # fmt: skip
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert f"at epoch {saved_epoch + 1} of 4" in out.stdout + out.stderr
+    ckpt = load_checkpoint(last)
+    assert ckpt["epoch"] == 3
+    epochs = [int(r["epoch"]) for r in _rows(tmp_path / "exp" / "results.csv")]
+    assert epochs[-1] == 3 and epochs[-(3 - saved_epoch) :] == list(range(saved_epoch + 1, 4))
+
+
+def test_label_class_out_of_range_stops_before_training(tiny_data, tmp_path):
+    root = tiny_data.parent
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(
+        f"path: {root}\ntrain: images/train\nval: images/val\nnames: [a, b]\n"
+    )  # nc=2, labels go to 5
+    out = subprocess.run(_train_cmd(bad, tmp_path, "--epochs", "1"), cwd=ROOT, capture_output=True, text=True,
+                         timeout=300)  # fmt: skip
+    assert out.returncode != 0
+    text = out.stdout + out.stderr
+    assert "nc" in text and "Traceback" not in text
+    assert not list(tmp_path.glob("exp*/weights/*.pt"))
