@@ -111,10 +111,12 @@ def check_options(opt: argparse.Namespace) -> argparse.Namespace:
 
 def main(opt: argparse.Namespace) -> int:
     setup_logging(rank=RANK)
+    from utils.distributed import check_ddp_options, run_training
     from utils.torch_utils import select_device
 
     try:
         opt = check_options(opt)
+        check_ddp_options(opt, RANK, WORLD_SIZE)
         if RANK in (-1, 0):
             print_args(vars(opt), colorstr("train"))
         device = select_device(opt.device, batch_size=opt.batch_size)
@@ -128,8 +130,6 @@ def main(opt: argparse.Namespace) -> int:
             if not opt.resume
             else load_checkpoint(opt.weights).get("hyp") or yaml_load(opt.hyp)
         )
-        from utils.distributed import run_training
-
         run_training(opt, hyp, device, LOCAL_RANK, RANK, WORLD_SIZE)
     except (FileNotFoundError, ValueError, CheckpointError) as e:
         LOGGER.error(f"ERROR: {e}")

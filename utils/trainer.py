@@ -26,6 +26,7 @@ from utils.callbacks import Callbacks, ResultsLogger
 from utils.checkpoints import build_checkpoint, save_checkpoint
 from utils.dataloaders import create_dataloader
 from utils.dataset_config import check_dataset
+from utils.distributed import GlobalMeanLoss, local_main_first
 from utils.general import LOGGER, check_img_size, colorstr, yaml_save
 from utils.loss import ComputeLoss
 from utils.metrics import fitness
@@ -57,7 +58,8 @@ class Trainer:
             self.wdir.mkdir(parents=True, exist_ok=True)
             yaml_save(self.save_dir / "hyp.yaml", self.hyp)
             yaml_save(self.save_dir / "opt.yaml", vars(opt))
-        self.data = check_dataset(opt.data)  # clear errors before any model is built
+        with local_main_first():  # one process per machine may run the dataset's download script
+            self.data = check_dataset(opt.data)  # clear errors before any model is built
         self.nc = 1 if opt.single_cls else int(self.data["nc"])
         self.names = {0: "item"} if opt.single_cls and len(self.data["names"]) != 1 else self.data["names"]
         self._setup_model()
@@ -81,12 +83,13 @@ class Trainer:
     def _setup_data(self) -> None:
         opt, hyp = self.opt, self.hyp
         batch = opt.batch_size // self.world_size
-        self.train_loader, self.dataset = create_dataloader(
-            self.data["train"], self.imgsz, batch, self.gs, opt.single_cls, hyp=hyp, augment=True,
-            cache=opt.cache, rect=opt.rect, rank=self.rank, workers=opt.workers,
-            image_weights=opt.image_weights, quad=opt.quad, prefix=colorstr("train: "), shuffle=True,
-            seed=opt.seed, nc=self.nc,
-        )  # fmt: skip
+        with local_main_first():  # the label cache is written once, then read by the other ranks
+            self.train_loader, self.dataset = create_dataloader(
+                self.data["train"], self.imgsz, batch, self.gs, opt.single_cls, hyp=hyp, augment=True,
+                cache=opt.cache, rect=opt.rect, rank=self.rank, workers=opt.workers,
+                image_weights=opt.image_weights, quad=opt.quad, prefix=colorstr("train: "), shuffle=True,
+                seed=opt.seed, nc=self.nc,
+            )  # fmt: skip
         self.val_loader = None
         if self.main:
             self.val_loader, _ = create_dataloader(
@@ -108,7 +111,12 @@ class Trainer:
         self.nb = len(self.train_loader)
         self.compute_loss = ComputeLoss(
             self.model, hyp, imgsz=self.imgsz, label_smoothing=opt.label_smoothing
-        )
+        )  # validation (rank 0 only) and single-process training
+        self.train_loss = (
+            GlobalMeanLoss(self.model, hyp, self.imgsz, opt.label_smoothing, world_size=self.world_size)
+            if rank_is_ddp(self.rank)
+            else self.compute_loss
+        )  # DDP: box/class means over the targets of all ranks, as one process would compute them
         self.model.class_weights = torch.tensor(class_weights(self.dataset.labels, self.nc)) * self.nc
 
     def _setup_optimizer(self) -> None:
@@ -223,7 +231,7 @@ class Trainer:
         """Forward, backward and (every `accumulate` iterations) an optimizer + EMA update."""
         with torch.autocast(self.device.type, enabled=self.cuda):
             pred = self.model(imgs)
-            loss, loss_items = self.compute_loss(pred, targets)
+            loss, loss_items = self.train_loss(pred, targets)
         if not torch.isfinite(loss).all():
             raise TrainingDiverged(f"loss is {loss.item()} at epoch {self.epoch}, iteration {ni}; stopping. "
                                    f"The last good checkpoint is kept in {self.wdir}. Try a lower --hyp lr0.")  # fmt: skip
