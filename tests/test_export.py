@@ -20,10 +20,12 @@ from models.registry import MODULES, KeepsChannels, ScaledChannels
 from models.yolo import DetectionModel, parse_model
 from utils.checkpoints import CheckpointError, build_checkpoint, model_from_checkpoint, save_checkpoint
 from utils.export import (
+    ExportError,
     ExportMetadata,
     ExportOptions,
     MissingDependencyError,
     PredictionOnly,
+    check_onnx_ops,
     export_onnx,
     export_openvino,
     export_torchscript,
@@ -32,6 +34,7 @@ from utils.export import (
     run_export,
 )
 from utils.export.torchscript import load_torchscript
+from utils.general import yaml_load
 
 onnx = pytest.importorskip("onnx")
 ort = pytest.importorskip("onnxruntime")
@@ -222,6 +225,15 @@ def test_cbam_onnx_graph_has_no_adaptive_pooling(cbam):
     assert {"ReduceMax", "ReduceMean"} <= ops  # CBAM's channel and spatial pooling
 
 
+def test_onnx_check_refuses_adaptive_pooling_and_aten_fallbacks():
+    helper, proto = onnx.helper, onnx.TensorProto
+    io = [helper.make_tensor_value_info(n, proto.FLOAT, [1, 4, 8, 8]) for n in ("x", "y")]
+    for op in ("AdaptiveMaxPool2d", "ATen"):
+        graph = helper.make_graph([helper.make_node(op, ["x"], ["y"])], "g", io[:1], io[1:])
+        with pytest.raises(ExportError, match=op):
+            check_onnx_ops(helper.make_model(graph))
+
+
 # ------------------------------------------------------------------------ every registered module
 ROW_ARGS = {  # YAML args of a one-row model; modules not listed get [16] (scaled) or [] (attention)
     "Conv": [24, 3, 2],
@@ -320,6 +332,20 @@ def test_int8_needs_data_and_optimize_needs_xnnpack_or_cpu(small, tmp_path):
     assert run.ok == bool(torch.backends.xnnpack.enabled)
     if not run.ok:
         assert "XNNPACK" in run.result("torchscript").error
+
+
+@pytest.mark.skipif(not (HAS_OPENVINO and importlib.util.find_spec("nncf")), reason="needs openvino and nncf")
+def test_openvino_int8_quantisation_runs(tmp_path):
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1)).eval()
+    meta = ExportMetadata(stride=1, names=NAMES, imgsz=(32, 32))
+    calibration = [torch.rand(1, 3, 32, 32).numpy() for _ in range(4)]
+    folder = export_openvino(
+        model, torch.rand(1, 3, 32, 32), tmp_path / "q_openvino_model", meta, calibration=calibration
+    )
+    backend = AutoBackend(folder)
+    x = torch.rand(1, 3, 32, 32)
+    assert ExportMetadata.from_dict(yaml_load(folder / "metadata.yaml")).int8
+    torch.testing.assert_close(_predict(backend, x), _predict(model, x), rtol=0.1, atol=0.1)
 
 
 def test_parse_include():
