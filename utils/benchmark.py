@@ -1,0 +1,224 @@
+"""Measurements behind benchmarks.py: export formats, CPU inference efficiency, training throughput.
+
+Every figure is measured on the machine it runs on; nothing here is a unit test.
+"""
+
+from __future__ import annotations
+
+import copy
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn as nn
+
+from utils.general import LOGGER
+from utils.torch_utils import count_flops
+
+
+def median_seconds(fn: Callable[[], Any], runs: int = 10, warmup: int = 2) -> float:
+    """Median wall time of fn() over `runs` calls after `warmup` calls."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(runs):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def gemm_peak(n: int = 2048, runs: int = 10) -> float:
+    """Measured fp32 matrix-multiply throughput of this machine in FLOP/s (square n x n GEMM)."""
+    a, b = torch.rand(n, n), torch.rand(n, n)
+    return 2 * n**3 / median_seconds(lambda: a @ b, runs=runs)
+
+
+# ------------------------------------------------------------------------------------ export formats
+def formats_table(weights: str, data: str, imgsz: int, formats: tuple[str, ...], device: str = "cpu",
+                  batch_size: int = 1) -> list[dict[str, Any]]:  # fmt: skip
+    """Export to each format, validate it and collect size, mAP50-95 and inference ms per image."""
+    import val
+    from utils.export.common import path_size
+    from utils.export.runner import ExportOptions, run_export
+
+    rows = []
+    for fmt in ("pytorch", *formats):
+        path, size = Path(weights), path_size(Path(weights))
+        try:
+            if fmt != "pytorch":
+                run = run_export(weights, ExportOptions(include=(fmt,), imgsz=(imgsz, imgsz), device=device))
+                result = run.result(fmt)
+                if not result.ok:
+                    raise RuntimeError(result.error)
+                path, size = Path(result.path), path_size(Path(result.path))
+            res = val.run(data=data, weights=str(path), imgsz=imgsz, batch_size=batch_size, device=device,
+                          plots=False, project="runs/benchmarks", name=fmt, exist_ok=True, workers=2)  # fmt: skip
+            rows.append({"format": fmt, "size_mb": size / 1e6, "map": res.map, "ms": res.speed_ms[1]})
+        except Exception as e:  # one failing format must not hide the others
+            LOGGER.warning(f"{fmt}: failed ({type(e).__name__}: {e})")
+            rows.append({"format": fmt, "size_mb": float("nan"), "map": float("nan"), "ms": float("nan")})
+    base = rows[0]["ms"]
+    for r in rows:
+        r["speedup"] = base / r["ms"] if r["ms"] == r["ms"] and r["ms"] > 0 else float("nan")
+    return rows
+
+
+def print_formats(rows: list[dict[str, Any]], imgsz: int) -> None:
+    LOGGER.info(f"\nBenchmarks at {imgsz}x{imgsz}, batch 1, {torch.get_num_threads()} CPU threads")
+    LOGGER.info(f"{'format':<12}{'size (MB)':>10}{'mAP50-95':>10}{'ms/img':>10}{'speed vs pt':>12}")
+    for r in rows:
+        LOGGER.info(
+            f"{r['format']:<12}{r['size_mb']:>10.1f}{r['map']:>10.4f}{r['ms']:>10.1f}{r['speedup']:>11.2f}x"
+        )
+
+
+# ------------------------------------------------------------------------------------ inference speed
+@dataclass
+class SpeedRow:
+    variant: str
+    imgsz: int
+    ms: float
+    gflops: float  # model FLOPs per image (fp32 eager count)
+    peak_gflops: float
+
+    @property
+    def efficiency(self) -> float:
+        """Achieved FLOP/s as a fraction of the measured GEMM peak."""
+        return self.gflops / (self.ms / 1e3) / self.peak_gflops
+
+
+def _eager_variants(model: nn.Module) -> dict[str, Callable[[torch.Tensor], Any]]:
+    unfused = copy.deepcopy(model).eval()
+    fused = copy.deepcopy(model).eval().fuse()
+    fused_cl = copy.deepcopy(fused).to(memory_format=torch.channels_last)
+
+    def cl(x: torch.Tensor) -> Any:
+        return fused_cl(x.contiguous(memory_format=torch.channels_last))
+
+    def bf16(x: torch.Tensor) -> Any:
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            return fused_cl(x.contiguous(memory_format=torch.channels_last))
+
+    return {"eager fp32 unfused": unfused, "eager fp32 fused": fused, "fused + channels_last": cl,
+            "bf16 autocast (--half)": bf16}  # fmt: skip
+
+
+def _onnx_variants(model: nn.Module, imgsz: int, tmp: Path, int8: bool) -> dict[str, Callable]:
+    """onnxruntime fp32 (and dynamic int8 when asked) on a fixed-size export of the fused model."""
+    try:
+        import onnxruntime as ort
+    except ImportError:
+        LOGGER.warning("onnxruntime not installed (pip install onnxruntime): skipping ONNX Runtime rows")
+        return {}
+    from utils.export.common import PredictionOnly
+    from utils.export.onnx_format import trace_to_onnx
+
+    path = tmp / f"model_{imgsz}.onnx"
+    wrapped = PredictionOnly(copy.deepcopy(model).eval().fuse())
+    trace_to_onnx(wrapped, torch.zeros(1, 3, imgsz, imgsz), path)
+    paths = {"onnxruntime fp32": path}
+    if int8:
+        from onnxruntime.quantization import QuantType, quantize_dynamic
+
+        q = tmp / f"model_{imgsz}_int8.onnx"
+        quantize_dynamic(str(path), str(q), weight_type=QuantType.QUInt8)
+        paths["onnxruntime int8 (dynamic)"] = q
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = torch.get_num_threads()
+    out = {}
+    for name, p in paths.items():
+        session = ort.InferenceSession(str(p), options, providers=["CPUExecutionProvider"])
+        input_name = session.get_inputs()[0].name
+        out[name] = lambda x, s=session, n=input_name: s.run(None, {n: x.numpy()})
+    return out
+
+
+def inference_speed(cfg: str, sizes: list[int], runs: int = 10, onnx: bool = True, int8: bool = True,
+                    tmp: Path = Path("runs/benchmarks")) -> list[SpeedRow]:  # fmt: skip
+    """Batch-1 latency of each inference path of an (untrained) model built from cfg."""
+    from models.yolo import DetectionModel
+
+    tmp.mkdir(parents=True, exist_ok=True)
+    model = DetectionModel(cfg, verbose=False).eval()
+    peak = gemm_peak() / 1e9
+    rows = []
+    for s in sizes:
+        x = torch.rand(1, 3, s, s)
+        gflops = count_flops(copy.deepcopy(model).eval(), x) / 1e9
+        variants = _eager_variants(model)
+        if onnx:
+            variants.update(_onnx_variants(model, s, tmp, int8))
+        for name, fn in variants.items():
+            with torch.inference_mode():
+                ms = median_seconds(lambda fn=fn, x=x: fn(x), runs=runs) * 1e3
+            rows.append(SpeedRow(name, s, ms, gflops, peak))
+            LOGGER.info(f"  {name:<28} {s:>4}  {ms:8.1f} ms")
+    return rows
+
+
+def print_speed(rows: list[SpeedRow], cfg: str) -> None:
+    peak = rows[0].peak_gflops if rows else float("nan")
+    LOGGER.info(
+        f"\n{cfg}: batch 1, {torch.get_num_threads()} threads, measured fp32 GEMM peak {peak:.1f} GFLOP/s"
+    )
+    LOGGER.info(f"{'variant':<30}{'img':>5}{'GFLOPs':>9}{'ms':>9}{'GFLOP/s':>9}{'of peak':>9}{'vs eager':>9}")
+    base = {r.imgsz: r.ms for r in rows if r.variant == "eager fp32 unfused"}
+    for r in rows:
+        LOGGER.info(f"{r.variant:<30}{r.imgsz:>5}{r.gflops:>9.2f}{r.ms:>9.1f}{r.gflops / r.ms * 1e3:>9.1f}"
+                    f"{r.efficiency:>8.0%}{base[r.imgsz] / r.ms:>8.2f}x")  # fmt: skip
+
+
+# ------------------------------------------------------------------------------------ training speed
+def train_speed(cfg: str, data: str, imgsz: int, batch_size: int = 16, batches: int = 5,
+                workers: int = 2) -> dict[str, float]:  # fmt: skip
+    """Images/s of the loader alone, the model step alone (forward, loss, backward, SGD) and both together."""
+    from models.yolo import DetectionModel
+    from utils.dataloaders import create_dataloader
+    from utils.dataset_config import check_dataset
+    from utils.general import yaml_load
+    from utils.loss import ComputeLoss
+
+    hyp = yaml_load(Path(__file__).resolve().parents[1] / "data/hyps/hyp.scratch-low.yaml")
+    d = check_dataset(data)
+    model = DetectionModel(cfg, nc=d["nc"], verbose=False).train()
+    loss_fn = ComputeLoss(model, hyp, imgsz=imgsz)
+    opt = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
+    loader, _ = create_dataloader(d["train"], imgsz, batch_size, 32, hyp=hyp, augment=True, shuffle=True,
+                                  workers=workers, nc=d["nc"])  # fmt: skip
+    it = iter(loader)
+    next(it)  # start the workers
+    t0 = time.perf_counter()
+    batches_seen = [next(it) for _ in range(batches)]
+    loader_ips = batches * batch_size / (time.perf_counter() - t0)
+
+    def step(imgs: torch.Tensor, targets: torch.Tensor) -> None:
+        loss, _ = loss_fn(model(imgs.float() / 255), targets)
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+
+    imgs, targets = batches_seen[0][0], batches_seen[0][1]
+    model_s = median_seconds(lambda: step(imgs, targets), runs=batches, warmup=1)
+    t0 = time.perf_counter()
+    for _ in range(batches):
+        b = next(it)
+        step(b[0], b[1])
+    total_ips = batches * batch_size / (time.perf_counter() - t0)
+    gflops = count_flops(copy.deepcopy(model).eval(), torch.zeros(1, 3, imgsz, imgsz)) / 1e9
+    peak = gemm_peak() / 1e9
+    limit_ips = peak / (3 * gflops)
+    return {"loader_ips": loader_ips, "model_ips": batch_size / model_s, "total_ips": total_ips,
+            "s_per_batch": batch_size / total_ips, "gflops": gflops, "peak": peak, "limit_ips": limit_ips}  # fmt: skip
+
+
+def print_train_speed(cfg: str, imgsz: int, batch_size: int, r: dict[str, float]) -> None:
+    LOGGER.info(f"\nTraining {cfg} at {imgsz}, batch {batch_size}: loader alone {r['loader_ips']:.1f} img/s, "
+                f"model step alone {r['model_ips']:.1f} img/s, together {r['total_ips']:.1f} img/s "
+                f"({r['s_per_batch']:.2f} s/batch). Limit at GEMM peak {r['peak']:.0f} GFLOP/s with "
+                f"3 x {r['gflops']:.2f} GFLOPs/img: {r['limit_ips']:.1f} img/s -> "
+                f"{r['total_ips'] / r['limit_ips']:.0%} of the limit")  # fmt: skip
