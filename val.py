@@ -218,7 +218,8 @@ def run(
     names = _class_names(backend, data, weights, single_cls)
     save_dir = increment_path(Path(project) / name, exist_ok=exist_ok, mkdir=True)
 
-    pad, rect = (0.0, False) if task == "speed" else (0.5, bool(backend.pt))
+    # any model that accepts any input shape (checkpoints and dynamic exports) gets the same rect batches
+    pad, rect = (0.0, False) if task == "speed" else (0.5, bool(backend.dynamic))
     loader, dataset = create_dataloader(
         split,
         imgsz,
@@ -226,7 +227,7 @@ def run(
         backend.stride,
         single_cls,
         pad=pad,
-        rect=rect and backend.dynamic,
+        rect=rect,
         workers=workers,
         prefix=colorstr(f"{task}: "),
         nc=len(names),

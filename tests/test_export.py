@@ -374,3 +374,33 @@ def test_autobackend_refuses_foreign_files(tmp_path):
     torch.onnx.export(_tiny(), (torch.rand(1, 3, 8, 8),), str(bare), dynamo=False)
     with pytest.raises(ValueError, match="re-export the checkpoint with export.py"):
         AutoBackend(bare)
+
+
+def test_val_on_onnx_gives_the_same_map_as_the_checkpoint(tmp_path):
+    """val.py scores the ONNX export like the .pt it came from (big boxes so an untrained model scores > 0)."""
+    import cv2
+    import numpy as np
+
+    import val
+
+    rng = np.random.default_rng(0)
+    for split in ("train", "val"):
+        (tmp_path / "images" / split).mkdir(parents=True)
+        (tmp_path / "labels" / split).mkdir(parents=True)
+    for i in range(6):
+        im = np.full((96, 128, 3), 114, np.uint8)
+        w, h = rng.uniform(0.5, 0.9), rng.uniform(0.5, 0.9)
+        x1, y1 = int((1 - w) * 64), int((1 - h) * 48)
+        cv2.rectangle(im, (x1, y1), (x1 + int(w * 128), y1 + int(h * 96)), (40, 40, 230), -1)
+        cv2.imwrite(str(tmp_path / "images/val" / f"{i}.png"), im)
+        (tmp_path / "labels/val" / f"{i}.txt").write_text(f"{i % 3} 0.5 0.5 {w:.4f} {h:.4f}\n")
+    data = tmp_path / "data.yaml"
+    data.write_text(f"path: {tmp_path}\ntrain: images/val\nval: images/val\nnames: {list(NAMES.values())}\n")
+    weights = _checkpoint("yolov5n.yaml", tmp_path / "w.pt")
+    run = run_export(weights, ExportOptions(include=("onnx",), imgsz=(128, 128), dynamic=True))
+    assert run.ok
+    kw = {"data": str(data), "imgsz": 128, "batch_size": 2, "plots": False, "project": str(tmp_path / "runs")}
+    pt = val.run(weights=str(weights), name="pt", **kw)
+    ox = val.run(weights=str(run.result("onnx").path), name="onnx", **kw)
+    assert pt.map50 > 0  # the comparison means something
+    assert abs(pt.map - ox.map) <= 0.001 and abs(pt.map50 - ox.map50) <= 0.001
