@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import reprlib
 import sys
 from copy import deepcopy
 from pathlib import Path
@@ -107,25 +108,76 @@ def load_model_yaml(cfg: str | Path) -> dict[str, Any]:
     return d
 
 
+# What building a row from wrong YAML values can raise inside torch and the block constructors.
+BUILD_ERRORS = (KeyError, ValueError, TypeError, IndexError, RuntimeError, ArithmeticError)
+MAX_ARG_ITEMS = 10_000  # YAML aliases can nest lists exponentially; real rows hold a few dozen values
+
+
+def _source(d: dict) -> str:
+    return str(d.get("yaml_file", "model YAML"))
+
+
+def _reason(e: BaseException) -> str:
+    """The message of an exception (KeyError's str() would add quotes around it)."""
+    return str(e.args[0]) if isinstance(e, KeyError) and e.args else str(e)
+
+
 def _row_error(d: dict, i: int, row: Any, msg: str) -> YamlError:
-    return YamlError(f"{d.get('yaml_file', 'model YAML')}: row {i} {row}: {msg}")
+    return YamlError(f"{_source(d)}: row {i} {reprlib.repr(row)}: {msg}")
+
+
+def _count_items(value: Any, limit: int) -> int:
+    """Number of values in nested lists, counting stops past ``limit`` (so an alias bomb costs little)."""
+    count, stack = 0, [value]
+    while stack and count <= limit:
+        v = stack.pop()
+        count += 1
+        if isinstance(v, (list, tuple)):
+            stack.extend(v)
+    return count
+
+
+def _check_from(froms: list[Any], i: int) -> None:
+    for x in froms:
+        if isinstance(x, bool) or not isinstance(x, int) or not (x == -1 or -i <= x < i):
+            raise ValueError(f"'from' {x!r} must be -1 or an earlier row (0..{i - 1}, or -1..-{i})")
+
+
+def _positive(d: dict, key: str, default: float) -> float:
+    value = float(d.get(key, default))
+    if not (math.isfinite(value) and value > 0):
+        raise ValueError(f"'{key}' must be a positive number, got {d.get(key)!r}")
+    return value
+
+
+def build_context(d: dict[str, Any]) -> BuildContext:
+    """Model-wide settings of a model dict, checked; YamlError naming the file otherwise."""
+    try:
+        missing = [key for key in ("nc", "backbone", "head") if key not in d]
+        if missing:
+            raise ValueError(f"missing {', '.join(repr(k) for k in missing)}")
+        if not isinstance(d["backbone"], list) or not isinstance(d["head"], list):
+            raise TypeError("'backbone' and 'head' must be lists of rows")
+        nc = int(d["nc"])
+        if nc < 1 or isinstance(d["nc"], bool):
+            raise ValueError(f"'nc' must be a positive number of classes, got {d['nc']!r}")
+        anchors = d.get("anchors", DEFAULT_ANCHORS)
+        if _count_items(anchors, MAX_ARG_ITEMS) > MAX_ARG_ITEMS:
+            raise ValueError("'anchors' holds too many values")
+        activation = d.get("activation")
+        if activation is not None:
+            make_activation(activation)  # fail early on unknown names
+        return BuildContext(nc=nc, anchors=anchors, depth_multiple=_positive(d, "depth_multiple", 1.0),
+                            width_multiple=_positive(d, "width_multiple", 1.0), activation=activation)  # fmt: skip
+    except BUILD_ERRORS as e:
+        raise YamlError(f"{_source(d)}: {_reason(e)}") from None
 
 
 def parse_model(d: dict[str, Any], ch: int, verbose: bool = True) -> tuple[nn.Sequential, list[int]]:
     """Build the layers of a model dict. Returns (layers, sorted indices whose outputs later rows need)."""
     log = LOGGER.info if verbose else LOGGER.debug
-    anchors = d.get("anchors", DEFAULT_ANCHORS)
-    activation = d.get("activation")
-    if activation is not None:
-        make_activation(activation)  # fail early on unknown names
-    ctx = BuildContext(
-        nc=int(d["nc"]),
-        anchors=anchors,
-        depth_multiple=float(d.get("depth_multiple", 1.0)),
-        width_multiple=float(d.get("width_multiple", 1.0)),
-        activation=activation,
-    )
-    symbols = {"nc": ctx.nc, "anchors": anchors}
+    ctx = build_context(d)
+    symbols = {"nc": ctx.nc, "anchors": ctx.anchors}
     log(f"\n{'':>3}{'from':>18}{'n':>3}{'params':>10}  {'module':<40}{'arguments':<30}")
     layers, save, channels = [], set(), []  # channels[j]: output channels of row j
     for i, row in enumerate(d["backbone"] + d["head"]):
@@ -134,13 +186,16 @@ def parse_model(d: dict[str, Any], ch: int, verbose: bool = True) -> tuple[nn.Se
         f, n, name, args = row
         try:
             cls = lookup(name)
+            if _count_items(args, MAX_ARG_ITEMS) > MAX_ARG_ITEMS:
+                raise ValueError(f"arguments hold more than {MAX_ARG_ITEMS} values")
             args = resolve_arg(list(args) if isinstance(args, list) else [args], symbols)
-            froms = [f] if isinstance(f, int) else list(f)
+            froms = [f] if isinstance(f, int) else list(f) if isinstance(f, list) else [f]
+            _check_from(froms, i)
             ch_in = [channels[x] if channels else ch for x in froms]
             spec = _layer_spec(cls, ch_in, args, int(n), ctx)
             m = _instantiate(cls, spec)
-        except (KeyError, ValueError, TypeError, IndexError) as e:
-            raise _row_error(d, i, row, str(e).strip("'\"")) from None
+        except BUILD_ERRORS as e:
+            raise _row_error(d, i, row, _reason(e)) from None
         m.i, m.f, m.type = i, f, str(name)
         nparams = sum(p.numel() for p in m.parameters())
         log(f"{i:>3}{str(f):>18}{spec.repeats:>3}{nparams:10.0f}  {str(name):<40}{str(spec.args)[:60]:<30}")
@@ -169,22 +224,35 @@ class DetectionModel(nn.Module):
                  anchors: Any = None, verbose: bool = True):  # fmt: skip
         super().__init__()
         self.yaml = deepcopy(cfg) if isinstance(cfg, dict) else load_model_yaml(cfg)
-        ch = self.yaml["ch"] = int(self.yaml.get("ch", ch))
         if nc is not None and nc != self.yaml.get("nc"):
             LOGGER.info(f"Overriding model.yaml nc={self.yaml.get('nc')} with nc={nc}")
             self.yaml["nc"] = int(nc)
         if anchors is not None:
             self.yaml["anchors"] = anchors
-        self.model, self.save = parse_model(self.yaml, ch, verbose)
-        self.nc = int(self.yaml["nc"])
-        self.names = {i: str(i) for i in range(self.nc)}
+        try:  # a YAML whose rows build but do not fit together fails here: say which file
+            ch = self.yaml["ch"] = int(self.yaml.get("ch", ch))
+            if not 1 <= ch <= 1024:  # bounded: the stride probe allocates a ch x 64 x 64 image
+                raise ValueError(f"'ch' (input channels) must be 1..1024, got {ch}")
+            self.model, self.save = parse_model(self.yaml, ch, verbose)
+            self.nc = int(self.yaml["nc"])
+            self.names = {i: str(i) for i in range(self.nc)}
+            self._setup_head(ch)
+        except YamlError:
+            raise
+        except (*BUILD_ERRORS, AttributeError) as e:  # e.g. a row given a list input it cannot take
+            raise YamlError(
+                f"{_source(self.yaml)}: cannot build the model ({type(e).__name__}: {e})"
+            ) from None
+        initialize_weights(self)
+
+    def _setup_head(self, ch: int) -> None:
+        """Strides from a blank forward pass, anchors in stride units, prior biases."""
         detect = self.detect
         self.stride = self._probe_strides(ch)
         detect.stride.copy_(self.stride)
         check_anchor_order(detect)
         detect.anchors /= detect.stride.view(-1, 1, 1)
         self._initialize_biases()
-        initialize_weights(self)
 
     @property
     def detect(self) -> Detect:

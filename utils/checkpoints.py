@@ -7,9 +7,12 @@ never damages the previous checkpoint.
 
 from __future__ import annotations
 
+import glob
 import os
 import pickle
+import re
 import tempfile
+import time
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -69,9 +72,13 @@ def build_checkpoint(
 
 
 def save_checkpoint(ckpt: dict[str, Any], path: str | Path) -> None:
-    """Write atomically: a temp file in the same folder, fsync, then rename over the target."""
+    """Write atomically: a temp file in the same folder, fsync, then rename over the target.
+
+    A crash or a full disk at any moment leaves either the old or the new file, never a torn one.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    started = time.time()
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as f:
@@ -82,6 +89,27 @@ def save_checkpoint(ckpt: dict[str, Any], path: str | Path) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+    _remove_stale_temps(path, older_than=started)
+
+
+def _remove_stale_temps(path: Path, older_than: float) -> None:
+    """Delete temp files of ``path`` that a killed process left behind (SIGKILL skips all cleanup)."""
+    for stale in path.parent.glob(f".{glob.escape(path.name)}.*.tmp"):
+        try:
+            if stale.stat().st_mtime < older_than:
+                stale.unlink()
+        except OSError:
+            pass  # removed meanwhile, or not ours to remove
+
+
+def _unpickle_needs(torch_message: str) -> str:
+    """What a refused pickle asked for, from torch's weights_only error (which also advises turning the
+    check off: that advice is dropped here on purpose)."""
+    found = re.search(r"GLOBAL ([\w.]+)", torch_message)
+    if found:
+        return f"call or import {found.group(1)}"
+    op = re.search(r"Unsupported operand (\d+)", torch_message)
+    return f"run pickle opcode {op.group(1)}, which plain tensors never need" if op else "run code"
 
 
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
@@ -93,10 +121,11 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
         ckpt = torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as e:
         raise CheckpointError(
-            f"{path}: refused to load. It is not a checkpoint of this project: it needs code to unpickle "
-            f"({str(e).splitlines()[0][:200]}). Nothing from it was run."
+            f"{path}: refused to load. It is not a checkpoint of this project: unpickling it would "
+            f"{_unpickle_needs(str(e))}. Nothing from it was run. Only checkpoints written by this project "
+            "(train.py, save_checkpoint) load; YOLOv5/ultralytics .pt files pickle whole models and do not."
         ) from None
-    except (RuntimeError, EOFError, OSError, ValueError) as e:
+    except Exception as e:  # whatever a damaged or foreign file makes torch raise
         raise CheckpointError(f"{path}: not a readable checkpoint ({type(e).__name__}: {e})") from None
     if not isinstance(ckpt, dict) or "model_yaml" not in ckpt or "model" not in ckpt:
         raise CheckpointError(f"{path}: not a checkpoint of this project (no model_yaml/model entries)")

@@ -12,6 +12,7 @@ commands and inline code are refused; nothing from the YAML is ever evaluated.
 
 from __future__ import annotations
 
+import reprlib
 import subprocess
 import sys
 from pathlib import Path
@@ -48,9 +49,13 @@ def parse_names(raw: dict[str, Any], source: str) -> dict[int, str]:
         names = dict(enumerate(names))
     if not isinstance(names, dict):
         raise ValueError(f"{source}: 'names' must be a list or a dict, got {type(names).__name__}")
+    not_text = [k for k, v in names.items() if not isinstance(v, (str, int, float))]
+    if not_text:  # also stops YAML alias bombs, which expand only when turned into strings
+        raise ValueError(f"{source}: 'names' entries must be strings, got a {type(names[not_text[0]]).__name__} "
+                         f"for class {not_text[0]!r}")  # fmt: skip
     try:
         parsed = {int(k): str(v) for k, v in names.items()}
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):
         raise ValueError(f"{source}: 'names' keys must be integer class ids, got {list(names)}") from None
     if sorted(parsed) != list(range(len(parsed))):
         raise ValueError(
@@ -146,7 +151,10 @@ def check_dataset(data: str | Path | dict[str, Any], autodownload: bool = True) 
     cfg["names"] = parse_names(cfg, source)
     cfg["nc"] = len(cfg["names"])
 
-    base = Path(cfg.get("path") or "")
+    root = cfg.get("path") or ""
+    if not isinstance(root, (str, Path)):
+        raise ValueError(f"{source}: 'path' must be the dataset folder, got {reprlib.repr(root)}")
+    base = Path(root)
     base = (base if base.is_absolute() else ROOT / base).resolve()
     cfg["path"] = str(base)
     for key in ("train", "val", "test"):

@@ -84,6 +84,8 @@ def yaml_load(path: str | Path) -> dict[str, Any]:
             data = yaml.safe_load(f)
     except yaml.YAMLError as e:
         raise ValueError(f"{path}: not valid YAML: {e}") from None
+    except RecursionError:  # the parser recurses per nesting level: '[[[[...' would otherwise crash
+        raise ValueError(f"{path}: not valid YAML: nested too deeply") from None
     if data is None:
         data = {}
     if not isinstance(data, dict):

@@ -113,7 +113,8 @@ def _parse_rows(text: str) -> np.ndarray:
         if len(values) != 5 and not (len(values) >= 7 and len(values) % 2 == 1):
             raise LabelError(f"line {line_no}: {len(values)} columns, expected 5 (class xc yc w h)")
         rows.append(values if len(values) == 5 else _polygon_to_box(values))
-    return np.array(rows, dtype=np.float32).reshape(-1, 5)
+    with np.errstate(over="ignore"):  # 1e40 becomes inf in float32 and is then refused as non-finite
+        return np.array(rows, dtype=np.float32).reshape(-1, 5)
 
 
 def parse_label_file(path: str | Path) -> tuple[np.ndarray, int]:
@@ -126,7 +127,7 @@ def parse_label_file(path: str | Path) -> tuple[np.ndarray, int]:
         LabelError: wrong column count, non-finite values, non-integer class, coordinates
             outside 0..1 (beyond ``COORD_TOLERANCE``) or boxes with zero width/height.
     """
-    labels = _parse_rows(Path(path).read_text(encoding="utf-8", errors="replace"))
+    labels = _parse_rows(Path(path).read_text(encoding="utf-8-sig", errors="replace"))  # -sig: Windows BOM
     if len(labels) == 0:
         return labels, 0
     if not np.isfinite(labels).all():
