@@ -20,6 +20,7 @@ if str(ROOT) not in sys.path:
 
 from utils.checkpoints import CheckpointError, load_checkpoint  # noqa: E402
 from utils.general import LOGGER, check_file, colorstr, increment_path, print_args, setup_logging, yaml_load  # noqa: E402
+from utils.trainer import TrainingDiverged  # noqa: E402
 
 LOCAL_RANK = int(os.getenv("LOCAL_RANK", -1))
 RANK = int(os.getenv("RANK", -1))
@@ -133,6 +134,12 @@ def main(opt: argparse.Namespace) -> int:
         run_training(opt, hyp, device, LOCAL_RANK, RANK, WORLD_SIZE)
     except (FileNotFoundError, ValueError, CheckpointError) as e:
         LOGGER.error(f"ERROR: {e}")
+        return 1
+    except TrainingDiverged as e:
+        LOGGER.error(f"ERROR: {e}")
+        return 1
+    except OSError as e:  # disk full, permissions: the previous checkpoint is intact (atomic writes)
+        LOGGER.error(f"ERROR: {e}. The last complete checkpoint is kept; free the space and --resume")
         return 1
     except KeyboardInterrupt:
         LOGGER.error("Interrupted: the last saved checkpoint is intact; continue with --resume")

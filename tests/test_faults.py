@@ -152,7 +152,6 @@ def test_diverging_loss_stops_training_and_keeps_last_good_checkpoint(tiny_run, 
     assert [p.name for p in last.parent.iterdir()] == ["best.pt", "last.pt"]
 
 
-@pytest.mark.xfail(strict=True, reason="train.py main() must catch TrainingDiverged (reported to the lead)")
 def test_train_py_reports_divergence_in_one_line(tiny_run, monkeypatch, project_log):
     import utils.trainer
 
@@ -175,9 +174,6 @@ def test_train_py_reports_divergence_in_one_line(tiny_run, monkeypatch, project_
     assert load_checkpoint(Path(opt.save_dir) / "weights" / "last.pt")["epoch"] == 0
 
 
-@pytest.mark.xfail(
-    strict=True, reason="train.py main() must catch OSError such as ENOSPC (reported to the lead)"
-)
 def test_train_py_reports_full_disk_in_one_line_and_keeps_last_good_checkpoint(
     tiny_run, monkeypatch, project_log
 ):

@@ -34,7 +34,7 @@ from utils.optim import apply_warmup, build_optimizer, lr_lambda, warmup_iterati
 from utils.torch_utils import ModelEMA, de_parallel, init_seeds
 from utils.train_setup import build_model, class_weights, freeze_layers, image_weights
 
-NOMINAL_BATCH = 64
+NOMINAL_BATCH = 64  # default; a hyp file may set `nbs`
 
 
 class TrainingDiverged(RuntimeError):
@@ -121,8 +121,9 @@ class Trainer:
 
     def _setup_optimizer(self) -> None:
         opt, hyp = self.opt, self.hyp
-        self.accumulate = max(round(NOMINAL_BATCH / opt.batch_size), 1)
-        hyp["weight_decay"] *= opt.batch_size * self.accumulate / NOMINAL_BATCH
+        self.nbs = int(hyp.get("nbs", NOMINAL_BATCH))  # gradients accumulate up to this nominal batch
+        self.accumulate = max(round(self.nbs / opt.batch_size), 1)
+        hyp["weight_decay"] *= opt.batch_size * self.accumulate / self.nbs
         self.optimizer = build_optimizer(
             self.model, opt.optimizer, hyp["lr0"], hyp["momentum"], hyp["weight_decay"]
         )
@@ -211,7 +212,7 @@ class Trainer:
             imgs = imgs.to(self.device, non_blocking=True).float() / 255
             if ni <= self.nw:
                 self.accumulate = apply_warmup(self.optimizer, ni, self.nw, epoch, self.hyp, self.lf,
-                                               NOMINAL_BATCH, opt.batch_size)  # fmt: skip
+                                               self.nbs, opt.batch_size)  # fmt: skip
             if opt.multi_scale:
                 imgs = self._random_scale(imgs)
             loss_items = self._step(imgs, targets.to(self.device), ni)
