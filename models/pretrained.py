@@ -6,6 +6,7 @@ ResNetStage rows use the same names inside, so the map is only a prefix change p
 
 from __future__ import annotations
 
+import pickle
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -69,7 +70,12 @@ def read_state_dict(weights: str | Path) -> dict[str, torch.Tensor]:
                 f"ResNet50 weights not found: {weights}. This machine does not download anything: place "
                 f"torchvision's {TORCHVISION_FILE} (ResNet50_Weights.IMAGENET1K_V2) at that path or in {TORCH_HUB_DIR}"
             )
-    sd = torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        sd = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:
+        raise ValueError(
+            f"{path}: refused to load: not a plain state dict (unpickling it would run code); nothing from it was run"
+        ) from None
     if isinstance(sd, dict) and "state_dict" in sd and isinstance(sd["state_dict"], dict):
         sd = sd["state_dict"]
     if not isinstance(sd, dict) or not any(k.startswith("layer1.") for k in sd):

@@ -156,8 +156,6 @@ def test_backbone_weights_refuse_code(evil):
     assert result.returncode == 1
 
 
-@pytest.mark.xfail(strict=True, reason="needs models/pretrained.py read_state_dict to turn UnpicklingError "
-                   "into a one-line ValueError (reported to the lead)")  # fmt: skip
 def test_backbone_weights_refusal_is_one_clear_line(evil):
     from models.pretrained import read_state_dict
 
