@@ -123,10 +123,8 @@ class Trainer:
         opt, hyp = self.opt, self.hyp
         self.nbs = int(hyp.get("nbs", NOMINAL_BATCH))  # gradients accumulate up to this nominal batch
         self.accumulate = max(round(self.nbs / opt.batch_size), 1)
-        hyp["weight_decay"] *= opt.batch_size * self.accumulate / self.nbs
-        self.optimizer = build_optimizer(
-            self.model, opt.optimizer, hyp["lr0"], hyp["momentum"], hyp["weight_decay"]
-        )
+        decay = hyp["weight_decay"] * opt.batch_size * self.accumulate / self.nbs  # hyp itself stays as given
+        self.optimizer = build_optimizer(self.model, opt.optimizer, hyp["lr0"], hyp["momentum"], decay)
         self.lf = lr_lambda(opt.epochs, hyp["lrf"], opt.cos_lr)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda=self.lf)
         self.ema = ModelEMA(self.model) if self.main else None
