@@ -156,7 +156,7 @@ def run(
     """Detect objects in ``source`` with ``weights`` and write the outputs the flags ask for."""
     source = str(source)
     weights = _single_weights(weights)
-    if not weights.is_file():
+    if not weights.exists():  # a file, or an OpenVINO model folder
         raise FileNotFoundError(f"--weights {weights} not found")
     kind = classify_source(source)
     if not (kind.webcam or kind.is_url or glob_or_exists(source)):

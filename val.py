@@ -92,7 +92,7 @@ def _single_weights(weights: str | Path | Sequence[str | Path]) -> Path:
             )
         weights = weights[0]
     path = Path(weights)
-    if not path.is_file():
+    if not path.exists():  # a file, or an OpenVINO model folder
         raise FileNotFoundError(f"--weights {weights}: file not found")
     return path
 

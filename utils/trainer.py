@@ -10,7 +10,6 @@ import math
 import random
 import time
 from argparse import Namespace
-from copy import deepcopy
 from pathlib import Path
 from typing import Any
 
@@ -181,6 +180,9 @@ class Trainer:
                 f"\n{epoch - self.start_epoch + 1} epochs completed in {(time.time() - t0) / 3600:.3f} hours."
             )
             results = self._final_eval(results)
+            for f in (self.last, self.best):
+                if f.exists():
+                    strip_optimizer(f)
             if self.logger:
                 self.logger.close()
             self.callbacks.run("on_train_end", self)
@@ -346,10 +348,11 @@ def rank_is_ddp(rank: int) -> bool:
 
 
 def strip_optimizer(path: Path) -> None:
-    """Drop optimizer state from a finished checkpoint to make it small (atomic rewrite)."""
+    """Finished checkpoint: keep the EMA weights as the model, drop optimizer state (a third of the size)."""
     from utils.checkpoints import load_checkpoint
 
     ckpt = load_checkpoint(path)
-    ckpt = deepcopy(ckpt)
-    ckpt["optimizer"] = None
+    if ckpt.get("ema"):
+        ckpt["model"] = ckpt["ema"]
+    ckpt.update(ema=None, optimizer=None, updates=0)
     save_checkpoint(ckpt, path)
