@@ -2,7 +2,6 @@
 and val.py end to end on a tiny generated dataset and an untrained yolov5n checkpoint."""
 
 import json
-import logging
 import subprocess
 import sys
 from pathlib import Path
@@ -64,23 +63,6 @@ def checkpoint(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("weights") / "tiny_n.pt"
     save_checkpoint(build_checkpoint(model), path)
     return path
-
-
-@pytest.fixture
-def log_lines():
-    """Lines logged to the project logger during the test (its level and handlers are restored)."""
-    lines: list[str] = []
-
-    class ListHandler(logging.Handler):
-        def emit(self, record: logging.LogRecord) -> None:
-            lines.extend(record.getMessage().splitlines())
-
-    handler, level = ListHandler(), LOGGER.level
-    LOGGER.addHandler(handler)
-    LOGGER.setLevel(logging.INFO)
-    yield lines
-    LOGGER.removeHandler(handler)
-    LOGGER.setLevel(level)
 
 
 def _loader(yaml_file: Path, imgsz: int = 128, batch_size: int = 4):
@@ -204,7 +186,7 @@ def test_half_wrong_case_by_hand(tmp_path):
         assert (tmp_path / name).stat().st_size > 10_000
 
 
-def test_noisy_detections_agree_with_pycocotools(dataset_yaml, tmp_path, log_lines):
+def test_noisy_detections_agree_with_pycocotools(dataset_yaml, tmp_path, project_log):
     if not _has_pycocotools():
         pytest.skip("pycocotools not installed")
     loader, dataset = _loader(dataset_yaml)
@@ -285,18 +267,18 @@ def _assert_coco_results(dets: list, dataset_yaml: Path) -> None:
     assert max(per_image.values()) <= 100
 
 
-def test_run_in_process_task_speed(dataset_yaml, checkpoint, tmp_path, log_lines):
+def test_run_in_process_task_speed(dataset_yaml, checkpoint, tmp_path, project_log):
     result = val.run(data=dataset_yaml, weights=[checkpoint], imgsz=64, batch_size=6, workers=0, device="cpu",
                      task="speed", project=tmp_path, plots=False, conf_thres=0.25, iou_thres=0.45)  # fmt: skip
     assert isinstance(result, EvalResult) and result.seen == 12 and len(result.speed_ms) == 3
-    speed = [line for line in log_lines if line.startswith("Speed:")]
+    speed = [line for line in project_log if line.startswith("Speed:")]
     assert len(speed) == 1
     for stage in ("ms pre-process", "ms inference", "ms NMS per image"):
         assert stage in speed[0]
     assert (tmp_path / "exp").is_dir() and not (tmp_path / "exp" / "PR_curve.png").exists()
 
 
-def test_task_study_writes_table_and_plot(dataset_yaml, checkpoint, tmp_path, log_lines):
+def test_task_study_writes_table_and_plot(dataset_yaml, checkpoint, tmp_path, project_log):
     argv = (f"--data {dataset_yaml} --weights {checkpoint} --batch-size 6 --workers 0 --device cpu "
             f"--task study --study-sizes 64 96 --project {tmp_path}").split()  # fmt: skip
     assert val.main(argv) == 0
@@ -305,11 +287,11 @@ def test_task_study_writes_table_and_plot(dataset_yaml, checkpoint, tmp_path, lo
     assert cv2.imread(str(tmp_path / "exp" / "study.png")) is not None
 
 
-def test_missing_files_give_one_line_errors(dataset_yaml, checkpoint, tmp_path, log_lines):
+def test_missing_files_give_one_line_errors(dataset_yaml, checkpoint, tmp_path, project_log):
     common = ["--workers", "0", "--device", "cpu", "--project", str(tmp_path)]
     assert val.main(["--data", str(dataset_yaml), "--weights", str(tmp_path / "nope.pt"), *common]) == 1
     assert val.main(["--data", str(tmp_path / "nope.yaml"), "--weights", str(checkpoint), *common]) == 1
-    errors = [line for line in log_lines if line.startswith("val.py: error:")]
+    errors = [line for line in project_log if line.startswith("val.py: error:")]
     assert len(errors) == 2
     assert "nope.pt" in errors[0] and "not found" in errors[0]
     assert "nope.yaml" in errors[1] and "not found" in errors[1]
