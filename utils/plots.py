@@ -245,6 +245,7 @@ def plot_confusion_matrix(
     ax.set(
         xlabel="True", ylabel="Predicted", title="Confusion Matrix" + (" (normalised)" if normalize else "")
     )
+    ax.tick_params(axis="y", labelrotation=0)  # horizontal names keep clear of the axis title
     if not matrix.any():
         _mark_empty(ax)
     return _save_figure(fig, save_path, dpi=250)
