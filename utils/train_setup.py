@@ -12,7 +12,7 @@ import torch
 
 from models.pretrained import is_torchvision_resnet, load_backbone_weights
 from models.yolo import DetectionModel
-from utils.checkpoints import load_checkpoint
+from utils.checkpoints import CheckpointError, load_checkpoint
 from utils.general import LOGGER
 
 
@@ -23,29 +23,32 @@ def build_model(weights: str, cfg: str, nc: int, hyp: dict[str, Any], resume: bo
     matching tensors transferred) or a torchvision ResNet50 state dict (backbone of cfg).
     """
     anchors = hyp.get("anchors")
-    if weights and Path(weights).suffix in (".pt", ".pth") and is_torchvision_resnet(weights):
+    if not weights:
+        if not cfg:
+            raise ValueError("nothing to train: pass --cfg (a model YAML) and/or --weights (a checkpoint)")
+        return DetectionModel(cfg, nc=nc, anchors=anchors), None
+    try:
+        ckpt = load_checkpoint(weights)  # read once: project checkpoints are the common case
+    except CheckpointError:
+        if not is_torchvision_resnet(weights):
+            raise
         if not cfg:
             raise ValueError(
                 f"{weights} holds ResNet50 backbone weights only: also pass --cfg (a ResNet50 model YAML)"
-            )
+            ) from None
         model = DetectionModel(cfg, nc=nc, anchors=anchors)
         LOGGER.info(load_backbone_weights(model, weights).summary())
         return model, None
-    if weights:
-        ckpt = load_checkpoint(weights)
-        model = DetectionModel(cfg or ckpt["model_yaml"], nc=nc, anchors=anchors)
-        keep_anchors = (cfg or anchors) and not resume  # new YAML anchors win over the checkpoint's
-        source = ckpt["ema"] if ckpt.get("ema") else ckpt["model"]
-        own = model.state_dict()
-        sd = {k: v for k, v in source.items() if k in own and own[k].shape == v.shape}
-        if keep_anchors:
-            sd = {k: v for k, v in sd.items() if "anchors" not in k}
-        model.load_state_dict(sd, strict=False)
-        LOGGER.info(f"Transferred {len(sd)}/{len(own)} items from {weights}")
-        return model, ckpt
-    if not cfg:
-        raise ValueError("nothing to train: pass --cfg (a model YAML) and/or --weights (a checkpoint)")
-    return DetectionModel(cfg, nc=nc, anchors=anchors), None
+    model = DetectionModel(cfg or ckpt["model_yaml"], nc=nc, anchors=anchors)
+    keep_anchors = (cfg or anchors) and not resume  # new YAML anchors win over the checkpoint's
+    source = ckpt["ema"] if ckpt.get("ema") else ckpt["model"]
+    own = model.state_dict()
+    sd = {k: v for k, v in source.items() if k in own and own[k].shape == v.shape}
+    if keep_anchors:
+        sd = {k: v for k, v in sd.items() if "anchors" not in k}
+    model.load_state_dict(sd, strict=False)
+    LOGGER.info(f"Transferred {len(sd)}/{len(own)} items from {weights}")
+    return model, ckpt
 
 
 def freeze_layers(model: torch.nn.Module, freeze: list[int]) -> list[str]:
