@@ -19,6 +19,7 @@ from utils.checkpoints import load_checkpoint, model_from_checkpoint
 from utils.export.common import require
 from utils.export.metadata import ExportMetadata
 from utils.general import LOGGER
+from utils.torch_utils import prefers_channels_last
 
 SUPPORTED_FORMATS = {
     "PyTorch": ".pt",
@@ -74,8 +75,7 @@ class AutoBackend(nn.Module):
         self.model = model_from_checkpoint(ckpt, device=self.device, fuse=fuse)
         if self.fp16:
             self.model.half()
-        # oneDNN convolutions run 10-15% faster on NHWC tensors (python benchmarks.py --speed)
-        self.channels_last = self.device.type == "cpu"
+        self.channels_last = prefers_channels_last(self.device)
         if self.channels_last:
             self.model.to(memory_format=torch.channels_last)
         self.stride = int(self.model.stride.max())

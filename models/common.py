@@ -206,6 +206,7 @@ class ResNetStem(_FixedShape, FusableConvBN):
         self.bn1 = nn.BatchNorm2d(c2)
         self.relu = nn.ReLU(inplace=True)
         self.maxpool = nn.MaxPool2d(3, 2, 1)
+        nn.init.kaiming_normal_(self.conv1.weight, mode="fan_out", nonlinearity="relu")  # as torchvision
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.maxpool(self.relu(self.bn1(self.conv1(x))))
@@ -235,6 +236,19 @@ class ResNetBottleneck(FusableConvBN):
         self.downsample = None
         if stride != 1 or c1 != c2:
             self.downsample = nn.Sequential(nn.Conv2d(c1, c2, 1, stride, bias=False), nn.BatchNorm2d(c2))
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """Initialise for training from scratch as torchvision's ResNet does, with zero-init residuals.
+
+        He-normal (fan_out) convolutions; bn3 starts at zero so that every block begins as the
+        identity, which trains a deep ResNet faster from scratch (Goyal et al., 2017). ImageNet
+        weights, when loaded, replace all of it.
+        """
+        convs = [self.conv1, self.conv2, self.conv3] + ([self.downsample[0]] if self.downsample else [])
+        for conv in convs:
+            nn.init.kaiming_normal_(conv.weight, mode="fan_out", nonlinearity="relu")
+        nn.init.zeros_(self.bn3.weight)
 
     def fuse(self) -> None:
         super().fuse()

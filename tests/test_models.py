@@ -221,6 +221,10 @@ def test_yolo_cli_reports_transfer(tmp_path):
 def test_fused_model_gives_same_output(cfg):
     torch.manual_seed(0)
     model = DetectionModel(cfg, nc=4, verbose=False)
+    for m in model.modules():  # zero-init residual BNs would hide their conv from the comparison
+        if isinstance(m, nn.BatchNorm2d):
+            nn.init.uniform_(m.weight, 0.5, 1.5)
+            nn.init.normal_(m.bias, 0.0, 0.1)
     model.train()
     with torch.no_grad():  # a few training passes so BN statistics are not the identity
         for _ in range(2):
@@ -286,3 +290,15 @@ def test_models_cli_test_builds_everything():
                          timeout=600)  # fmt: skip
     assert out.returncode == 0, out.stderr
     assert (out.stdout + out.stderr).count(" OK ") == len(ALL_YAMLS)
+
+
+def test_resnet_blocks_start_as_identity():
+    """From scratch, each bottleneck's last BN starts at zero: the block passes relu(x) through."""
+    torch.manual_seed(0)
+    stage = ResNetStage(256, 256, blocks=2, stride=1, attention="CBAM").eval()
+    for block in stage:
+        assert torch.count_nonzero(block.bn3.weight) == 0
+        assert block.conv1.weight.std() > 0  # the other layers are initialised, not zeroed
+    x = torch.randn(2, 256, 8, 8)
+    with torch.no_grad():
+        torch.testing.assert_close(stage(x), torch.relu(x))

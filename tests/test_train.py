@@ -14,9 +14,20 @@ import pytest
 import torch
 
 from utils.checkpoints import load_checkpoint
+from utils.optim import warmup_iterations
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow
+
+
+@pytest.mark.parametrize(
+    "hyp, batches, expected",
+    [({"warmup_epochs": 3.0}, 10, 100), ({"warmup_epochs": 3.0}, 50, 150), ({"warmup_epochs": 0.0}, 50, 0),
+     ({"warmup_epochs": 0.5, "warmup_min_iters": 10}, 38, 19),
+     ({"warmup_epochs": 0.1, "warmup_min_iters": 10}, 38, 10)],
+)  # fmt: skip
+def test_warmup_lasts_epochs_but_at_least_the_minimum(hyp, batches, expected):
+    assert warmup_iterations(hyp, batches) == expected
 
 
 @pytest.fixture(scope="module")

@@ -58,8 +58,14 @@ def lr_lambda(epochs: int, lrf: float, cos: bool = False) -> Callable[[int], flo
     return lambda e: (1 - e / epochs) * (1.0 - lrf) + lrf
 
 
+MIN_WARMUP_ITERATIONS = 100  # default; a hyp file may set `warmup_min_iters` (short CPU runs)
+
+
 def warmup_iterations(hyp: dict[str, Any], batches_per_epoch: int) -> int:
-    return max(round(hyp["warmup_epochs"] * batches_per_epoch), 100) if hyp["warmup_epochs"] > 0 else 0
+    """Warmup length: warmup_epochs of batches, but at least `warmup_min_iters` (100) iterations."""
+    if hyp["warmup_epochs"] <= 0:
+        return 0
+    return max(round(hyp["warmup_epochs"] * batches_per_epoch), int(hyp.get("warmup_min_iters", MIN_WARMUP_ITERATIONS)))
 
 
 def apply_warmup(optimizer: torch.optim.Optimizer, ni: int, nw: int, epoch: int, hyp: dict[str, Any],

@@ -30,7 +30,7 @@ from utils.general import LOGGER, check_img_size, colorstr, yaml_save
 from utils.loss import ComputeLoss
 from utils.metrics import fitness
 from utils.optim import apply_warmup, build_optimizer, lr_lambda, warmup_iterations
-from utils.torch_utils import ModelEMA, de_parallel, init_seeds
+from utils.torch_utils import ModelEMA, de_parallel, init_seeds, prefers_channels_last
 from utils.train_setup import build_model, class_weights, freeze_layers, image_weights
 
 NOMINAL_BATCH = 64  # default; a hyp file may set `nbs`
@@ -71,7 +71,8 @@ class Trainer:
         model, ckpt = build_model(opt.weights, opt.cfg, self.nc, self.hyp, bool(opt.resume))
         self.ckpt = ckpt
         model.names = dict(self.names)
-        self.model = model.to(self.device)
+        self.memory_format = torch.channels_last if prefers_channels_last(self.device) else torch.contiguous_format
+        self.model = model.to(self.device, memory_format=self.memory_format)
         freeze_layers(self.model, opt.freeze)
         self.gs = max(int(self.model.stride.max()), 32)
         self.imgsz = check_img_size(opt.imgsz, self.gs, floor=self.gs * 2)
@@ -209,7 +210,8 @@ class Trainer:
         self.optimizer.zero_grad()
         for i, (imgs, targets, paths, _) in pbar:
             ni = i + self.nb * epoch
-            imgs = imgs.to(self.device, non_blocking=True).float() / 255
+            imgs = imgs.to(self.device, non_blocking=True).float().div_(255)
+            imgs = imgs.contiguous(memory_format=self.memory_format)
             if ni <= self.nw:
                 self.accumulate = apply_warmup(self.optimizer, ni, self.nw, epoch, self.hyp, self.lf,
                                                self.nbs, opt.batch_size)  # fmt: skip

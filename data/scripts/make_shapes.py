@@ -5,7 +5,7 @@ Layout written under --out:
     images/val/*.jpg    labels/val/*.txt
     demo/*.jpg          demo/shapes.mp4      (moving shapes, for detect.py)
 
-Six classes (circle, square, triangle, star, hexagon, cross) of varied size (about 4% to 50% of the
+Six classes (circle, square, triangle, star, hexagon, cross) of varied size (10% to 50% of the
 image side), colour and rotation, partly overlapping, on gradient / blob / stripe / noise
 backgrounds. Each box is the bounding box of the shape's visible pixels; a new shape may hide at
 most 35% of an earlier one. Each image has its own generator seeded by (seed, split, index), so the
@@ -25,7 +25,7 @@ import numpy as np
 
 CLASSES = ("circle", "square", "triangle", "star", "hexagon", "cross")
 SPLIT_CODES = {"train": 0, "val": 1, "demo": 2, "video": 3}
-SIZE_RANGE = (0.04, 0.5)  # shape diameter as a fraction of the image's short side
+SIZE_RANGE = (0.15, 0.5)  # shape diameter as a fraction of the image's short side (log-uniform)
 MAX_HIDDEN = 0.35  # a new shape may cover at most this fraction of an earlier shape's pixels
 SUBPIXEL = 4  # cv2 drawing shift: coordinates carry 4 fractional bits
 
@@ -254,7 +254,7 @@ def _video_state(rng: np.random.Generator, n: int, h: int, w: int) -> list[dict]
     """Moving shapes for the demo video; shape k has class k % 6 so every class appears."""
     objs = []
     for k in range(n):
-        r = min(h, w) * rng.uniform(0.05, 0.16)
+        r = min(h, w) * rng.uniform(0.08, 0.16)
         objs.append({
             "cls": k % len(CLASSES), "r": r, "colour": _random_colour(rng),
             "pos": rng.uniform([r, r], [w - r, h - r]), "vel": rng.uniform(-6, 6, 2),
