@@ -24,7 +24,8 @@ def parse_opt(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--weights", type=str, default="", help="checkpoint for the formats table")
     p.add_argument("--data", type=str, default="data/shapes.yaml")
     p.add_argument("--imgsz", "--img", "--img-size", type=int, nargs="+", default=[640])
-    p.add_argument("--include", nargs="+", default=["torchscript", "onnx", "openvino"])
+    p.add_argument("--include", nargs="+", default=["torchscript", "onnx", "openvino", "openvino-int8"],
+                   help="export formats for the table; openvino-int8 = OpenVINO with nncf int8 quantisation")
     p.add_argument("--device", default="cpu")
     p.add_argument("--speed", action="store_true", help="batch-1 latency of every CPU inference path")
     p.add_argument("--train-speed", action="store_true", help="training images/s: loader, model, both")

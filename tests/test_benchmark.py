@@ -21,3 +21,30 @@ def test_median_seconds_calls_warmup_plus_runs():
 
 def test_formats_table_needs_weights(capsys):
     assert benchmarks.main(["--data", "shapes.yaml"]) == 1
+
+
+def test_int8_format_exports_quantised_openvino_calibrated_on_the_data(monkeypatch, tmp_path):
+    """'openvino-int8' in the formats table is an OpenVINO export with --int8 and --data set."""
+    from types import SimpleNamespace
+
+    import val
+    from utils import benchmark
+    from utils.export import runner
+
+    weights = tmp_path / "w.pt"
+    weights.write_bytes(b"0" * 1000)
+    (tmp_path / "w_openvino_model").mkdir()
+    seen = []
+
+    def fake_export(w, options):
+        seen.append(options)
+        result = SimpleNamespace(ok=True, path=str(tmp_path / "w_openvino_model"), error=None)
+        return SimpleNamespace(result=lambda fmt: result)
+
+    monkeypatch.setattr(runner, "run_export", fake_export)
+    monkeypatch.setattr(val, "run", lambda **kw: SimpleNamespace(map=0.5, speed_ms=(0.0, 10.0, 0.0)))
+    rows = benchmark.formats_table(str(weights), "shapes.yaml", 64, ("openvino", "openvino-int8"))
+    assert [o.include for o in seen] == [("openvino",), ("openvino",)]
+    assert [o.int8 for o in seen] == [False, True]
+    assert seen[1].data == "shapes.yaml" and seen[0].data is None
+    assert [r["format"] for r in rows] == ["pytorch", "openvino", "openvino-int8"]

@@ -17,7 +17,7 @@ import torch
 import torch.nn as nn
 
 from utils.general import LOGGER
-from utils.torch_utils import count_flops
+from utils.torch_utils import count_flops, prefers_channels_last
 
 
 def median_seconds(fn: Callable[[], Any], runs: int = 10, warmup: int = 2) -> float:
@@ -45,7 +45,11 @@ def gemm_peak(n: int = 2048, runs: int = 10, trials: int = 3) -> float:
 # ------------------------------------------------------------------------------------ export formats
 def formats_table(weights: str, data: str, imgsz: int, formats: tuple[str, ...], device: str = "cpu",
                   batch_size: int = 1) -> list[dict[str, Any]]:  # fmt: skip
-    """Export to each format, validate it and collect size, mAP50-95 and inference ms per image."""
+    """Export to each format, validate it and collect size, mAP50-95 and inference ms per image.
+
+    A format name ending in ``-int8`` (``openvino-int8``) is exported with int8 post-training
+    quantisation calibrated on ``data``.
+    """
     import val
     from utils.export.common import path_size
     from utils.export.runner import ExportOptions, run_export
@@ -55,8 +59,10 @@ def formats_table(weights: str, data: str, imgsz: int, formats: tuple[str, ...],
         path, size = Path(weights), path_size(Path(weights))
         try:
             if fmt != "pytorch":
-                run = run_export(weights, ExportOptions(include=(fmt,), imgsz=(imgsz, imgsz), device=device))
-                result = run.result(fmt)
+                base, int8 = fmt.removesuffix("-int8"), fmt.endswith("-int8")  # openvino-int8: quantised
+                options = ExportOptions(include=(base,), imgsz=(imgsz, imgsz), device=device, int8=int8,
+                                        data=data if int8 else None)  # fmt: skip
+                result = run_export(weights, options).result(base)
                 if not result.ok:
                     raise RuntimeError(result.error)
                 path, size = Path(result.path), path_size(Path(result.path))
@@ -190,6 +196,9 @@ def train_speed(cfg: str, data: str, imgsz: int, batch_size: int = 16, batches: 
     hyp = yaml_load(Path(__file__).resolve().parents[1] / "data/hyps/hyp.scratch-low.yaml")
     d = check_dataset(data)
     model = DetectionModel(cfg, nc=d["nc"], verbose=False).train()
+    cpu = torch.device("cpu")
+    memory_format = torch.channels_last if prefers_channels_last(cpu) else torch.contiguous_format
+    model.to(memory_format=memory_format)  # as the Trainer does
     loss_fn = ComputeLoss(model, hyp, imgsz=imgsz)
     opt = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
     loader, _ = create_dataloader(d["train"], imgsz, batch_size, 32, hyp=hyp, augment=True, shuffle=True,
@@ -201,7 +210,7 @@ def train_speed(cfg: str, data: str, imgsz: int, batch_size: int = 16, batches: 
     loader_ips = batches * batch_size / (time.perf_counter() - t0)
 
     def step(imgs: torch.Tensor, targets: torch.Tensor) -> None:
-        loss, _ = loss_fn(model(imgs.float() / 255), targets)
+        loss, _ = loss_fn(model((imgs.float() / 255).contiguous(memory_format=memory_format)), targets)
         loss.backward()
         opt.step()
         opt.zero_grad()
