@@ -245,7 +245,9 @@ class ResNetBottleneck(FusableConvBN):
         identity, which trains a deep ResNet faster from scratch (Goyal et al., 2017). ImageNet
         weights, when loaded, replace all of it.
         """
-        convs = [self.conv1, self.conv2, self.conv3] + ([self.downsample[0]] if self.downsample else [])
+        convs = [self.conv1, self.conv2, self.conv3]
+        if self.downsample is not None:
+            convs.append(self.downsample[0])
         for conv in convs:
             nn.init.kaiming_normal_(conv.weight, mode="fan_out", nonlinearity="relu")
         nn.init.zeros_(self.bn3.weight)

@@ -65,7 +65,8 @@ def warmup_iterations(hyp: dict[str, Any], batches_per_epoch: int) -> int:
     """Warmup length: warmup_epochs of batches, but at least `warmup_min_iters` (100) iterations."""
     if hyp["warmup_epochs"] <= 0:
         return 0
-    return max(round(hyp["warmup_epochs"] * batches_per_epoch), int(hyp.get("warmup_min_iters", MIN_WARMUP_ITERATIONS)))
+    minimum = int(hyp.get("warmup_min_iters", MIN_WARMUP_ITERATIONS))
+    return max(round(hyp["warmup_epochs"] * batches_per_epoch), minimum)
 
 
 def apply_warmup(optimizer: torch.optim.Optimizer, ni: int, nw: int, epoch: int, hyp: dict[str, Any],
