@@ -19,7 +19,7 @@ from utils.checkpoints import load_checkpoint, model_from_checkpoint
 from utils.export.common import require
 from utils.export.metadata import ExportMetadata
 from utils.general import LOGGER
-from utils.torch_utils import prefers_channels_last
+from utils.torch_utils import conv_memory_format
 
 SUPPORTED_FORMATS = {
     "PyTorch": ".pt",
@@ -75,9 +75,8 @@ class AutoBackend(nn.Module):
         self.model = model_from_checkpoint(ckpt, device=self.device, fuse=fuse)
         if self.fp16:
             self.model.half()
-        self.channels_last = prefers_channels_last(self.device)
-        if self.channels_last:
-            self.model.to(memory_format=torch.channels_last)
+        self.memory_format = conv_memory_format(self.device)
+        self.model.to(memory_format=self.memory_format)
         self.stride = int(self.model.stride.max())
         self.names: dict[int, str] = dict(self.model.names)
         self.nc = len(self.names)
@@ -102,8 +101,7 @@ class AutoBackend(nn.Module):
         if self.pt:
             x = im.to(self.device)
             x = x.half() if self.fp16 else x.float()
-            if self.channels_last:
-                x = x.contiguous(memory_format=torch.channels_last)
+            x = x.contiguous(memory_format=self.memory_format)
             return self.model(x, augment=augment, visualize=visualize)[0].to(im.device)
         if augment or visualize:
             raise ValueError(f"--augment and --visualize need .pt weights; {self.weights.name} is an export")

@@ -17,7 +17,7 @@ import torch
 import torch.nn as nn
 
 from utils.general import LOGGER
-from utils.torch_utils import count_flops, prefers_channels_last
+from utils.torch_utils import conv_memory_format, count_flops
 
 
 def median_seconds(fn: Callable[[], Any], runs: int = 10, warmup: int = 2) -> float:
@@ -196,9 +196,8 @@ def train_speed(cfg: str, data: str, imgsz: int, batch_size: int = 16, batches: 
     hyp = yaml_load(Path(__file__).resolve().parents[1] / "data/hyps/hyp.scratch-low.yaml")
     d = check_dataset(data)
     model = DetectionModel(cfg, nc=d["nc"], verbose=False).train()
-    cpu = torch.device("cpu")
-    memory_format = torch.channels_last if prefers_channels_last(cpu) else torch.contiguous_format
-    model.to(memory_format=memory_format)  # as the Trainer does
+    memory_format = conv_memory_format(torch.device("cpu"))  # as the Trainer does
+    model.to(memory_format=memory_format)
     loss_fn = ComputeLoss(model, hyp, imgsz=imgsz)
     opt = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
     loader, _ = create_dataloader(d["train"], imgsz, batch_size, 32, hyp=hyp, augment=True, shuffle=True,

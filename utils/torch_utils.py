@@ -57,14 +57,14 @@ def init_seeds(seed: int = 0, deterministic: bool = False) -> None:
         os.environ["PYTHONHASHSEED"] = str(seed)
 
 
-def prefers_channels_last(device: torch.device) -> bool:
-    """Whether convolutions run faster on NHWC tensors on this device.
+def conv_memory_format(device: torch.device) -> torch.memory_format:
+    """The layout convolutions run fastest in on this device, for models and their inputs.
 
-    On CPU, oneDNN is faster in NHWC: inference 10-16% and a training step 17-25% (yolov5s at 320,
-    yolov5-resnet50-cbam at 128; ``python benchmarks.py --speed`` / ``--train-speed``). Not measured on
-    CUDA, so CUDA keeps PyTorch's default layout.
+    On CPU, oneDNN is faster in NHWC (channels_last): inference 10-16% and a training step 17-25%
+    (yolov5s at 320, yolov5-resnet50-cbam at 128; ``python benchmarks.py --speed`` / ``--train-speed``).
+    Not measured on CUDA, so CUDA keeps PyTorch's default layout.
     """
-    return device.type == "cpu"
+    return torch.channels_last if device.type == "cpu" else torch.contiguous_format
 
 
 def time_sync() -> float:

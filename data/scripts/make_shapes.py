@@ -5,7 +5,7 @@ Layout written under --out:
     images/val/*.jpg    labels/val/*.txt
     demo/*.jpg          demo/shapes.mp4      (moving shapes, for detect.py)
 
-Six classes (circle, square, triangle, star, hexagon, cross) of varied size (10% to 50% of the
+Six classes (circle, square, triangle, star, hexagon, cross) of varied size (15% to 50% of the
 image side), colour and rotation, partly overlapping, on gradient / blob / stripe / noise
 backgrounds. Each box is the bounding box of the shape's visible pixels; a new shape may hide at
 most 35% of an earlier one. Each image has its own generator seeded by (seed, split, index), so the
