@@ -4,6 +4,7 @@ Usage:
     python benchmarks.py --weights best.pt --data shapes.yaml --img 320            # formats table
     python benchmarks.py --speed --cfg yolov5-resnet50-cbam.yaml --img 320 640     # inference paths
     python benchmarks.py --train-speed --cfg yolov5s.yaml yolov5-resnet50-cbam.yaml --data shapes.yaml --img 320
+    python benchmarks.py --throughput --device 0 --img 640                          # GPU: batch 1/16/64
 """
 
 from __future__ import annotations
@@ -30,8 +31,12 @@ def parse_opt(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--speed", action="store_true", help="batch-1 latency of every CPU inference path")
     p.add_argument("--train-speed", action="store_true", help="training images/s: loader, model, both")
     p.add_argument(
-        "--cfg", nargs="+", default=["yolov5-resnet50-cbam.yaml"], help="model YAML(s) for --speed"
+        "--cfg", nargs="+", default=["yolov5-resnet50-cbam.yaml"], help="model YAML(s) for --speed and others"
     )
+    p.add_argument("--throughput", action="store_true",
+                   help="images/s by batch: fp32, AMP, channels_last, torch.compile (for a GPU)")
+    p.add_argument("--batches", type=int, nargs="+", default=[1, 16, 64], help="batch sizes for --throughput")
+    p.add_argument("--no-compile", action="store_true", help="leave the torch.compile row out of --throughput")
     p.add_argument("--batch-size", type=int, default=16, help="batch for --train-speed")
     p.add_argument("--runs", type=int, default=10, help="timed runs per --speed variant")
     p.add_argument("--no-int8", action="store_true", help="skip the int8 ONNX Runtime row")
@@ -47,6 +52,11 @@ def main(argv: list[str] | None = None) -> int:
         if opt.speed:
             for cfg in opt.cfg:
                 bm.print_speed(bm.inference_speed(cfg, opt.imgsz, runs=opt.runs, int8=not opt.no_int8), cfg)
+        elif opt.throughput:
+            for cfg in opt.cfg:
+                for s in opt.imgsz:
+                    rows = bm.throughput_table(cfg, s, opt.device, tuple(opt.batches), not opt.no_compile, opt.runs)
+                    bm.print_throughput(rows, cfg, s, opt.device)
         elif opt.train_speed:
             for cfg in opt.cfg:
                 for s in opt.imgsz:

@@ -152,6 +152,7 @@ def run(
     half: bool = False,
     dnn: bool = False,
     vid_stride: int = 1,
+    compile: bool = False,
 ) -> DetectRun:
     """Detect objects in ``source`` with ``weights`` and write the outputs the flags ask for."""
     source = str(source)
@@ -161,7 +162,7 @@ def run(
     kind = classify_source(source)
     if not (kind.webcam or kind.is_url or glob_or_exists(source)):
         raise FileNotFoundError(f"--source {source} not found")
-    backend = AutoBackend(weights, device=select_device(device), dnn=dnn, fp16=half)
+    backend = AutoBackend(weights, device=select_device(device), dnn=dnn, fp16=half, compile=compile)
     imgsz = _model_size(backend, _size_pair(imgsz))
     view_img, visualize, augment = _check_flags(backend, kind.webcam, view_img, visualize, augment, update)
     dataset = create_source(source, imgsz, backend.stride, auto=backend.dynamic, vid_stride=vid_stride)
@@ -295,9 +296,12 @@ def parse_opt(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--line-thickness", default=3, type=int, help="bounding box thickness (pixels)")
     parser.add_argument("--hide-labels", action="store_true", help="hide labels")
     parser.add_argument("--hide-conf", action="store_true", help="hide confidences")
-    parser.add_argument("--half", action="store_true", help="use FP16 half-precision inference (CUDA)")
+    parser.add_argument(
+        "--half", action="store_true", help="fp16 on CUDA, bf16 autocast on a CPU with native bf16"
+    )
     parser.add_argument("--dnn", action="store_true", help="use OpenCV DNN for ONNX inference")
     parser.add_argument("--vid-stride", type=int, default=1, help="video frame-rate stride")
+    parser.add_argument("--compile", action="store_true", help="torch.compile a .pt model (slow first batch)")
     opt = parser.parse_args(argv)
     if len(opt.imgsz) not in (1, 2):
         parser.error(f"--imgsz takes one or two integers (h w), got {len(opt.imgsz)}")

@@ -75,8 +75,11 @@ def parse_opt(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--project", default=str(ROOT / "runs/val"), help="save to project/name")
     p.add_argument("--name", default="exp", help="save to project/name")
     p.add_argument("--exist-ok", action="store_true", help="existing project/name ok, do not increment")
-    p.add_argument("--half", action="store_true", help="use FP16 half-precision inference (CUDA)")
+    p.add_argument(
+        "--half", action="store_true", help="fp16 on CUDA, bf16 autocast on a CPU with native bf16"
+    )
     p.add_argument("--dnn", action="store_true", help="use OpenCV DNN for ONNX inference")
+    p.add_argument("--compile", action="store_true", help="torch.compile a .pt model (slow first batch)")
     p.add_argument(
         "--study-sizes", nargs="+", type=int, default=list(STUDY_SIZES), help="image sizes of --task study"
     )
@@ -197,6 +200,7 @@ def run(
     exist_ok: bool = False,
     half: bool = False,
     dnn: bool = False,
+    compile: bool = False,
     plots: bool = True,
     **_: Any,  # other command-line options (study_sizes) are accepted and ignored
 ) -> EvalResult:
@@ -211,9 +215,7 @@ def run(
     data = check_dataset(data)
     split = _split(data, task)
     device = select_device(device, batch_size)
-    if half and device.type == "cpu":
-        LOGGER.warning("WARNING: --half needs a CUDA device; running FP32 on CPU")
-    backend = AutoBackend(weights, device=device, dnn=dnn, fp16=half)
+    backend = AutoBackend(weights, device=device, dnn=dnn, fp16=half, compile=compile)
     imgsz, batch_size = _input_size(backend, imgsz, batch_size)
     names = _class_names(backend, data, weights, single_cls)
     save_dir = increment_path(Path(project) / name, exist_ok=exist_ok, mkdir=True)

@@ -19,7 +19,7 @@ from utils.checkpoints import load_checkpoint, model_from_checkpoint
 from utils.export.common import require
 from utils.export.metadata import ExportMetadata
 from utils.general import LOGGER
-from utils.torch_utils import conv_memory_format
+from utils.torch_utils import conv_memory_format, half_dtype
 
 SUPPORTED_FORMATS = {
     "PyTorch": ".pt",
@@ -48,11 +48,17 @@ class AutoBackend(nn.Module):
 
     Attributes: stride (int, pixels), names ({id: name}), nc, pt/jit/onnx/xml (which format),
     dnn, dynamic (any batch and size accepted), imgsz ((h, w) of a fixed-size export, else None),
-    batch_size (batch of a fixed-batch export, else None), fp16 (inputs are cast to half).
+    batch_size (batch of a fixed-batch export, else None), fp16 (inputs are cast to half), bf16
+    (a .pt model runs under CPU bf16 autocast), compiled (the torch.compile wrapper of a .pt model, or None).
+
+    ``fp16`` asks for reduced precision, as ``--half`` does: fp16 weights on CUDA; bf16 autocast on
+    a CPU with native bf16 (AVX512-BF16 or AMX); elsewhere a warning and fp32, which is faster there.
+    ``compile`` wraps a .pt model in ``torch.compile``: the first batch of each new input shape is
+    slow while it compiles, later ones are faster; --augment and --visualize run the eager model.
     """
 
     def __init__(self, weights: str | Path, device: torch.device | str = "cpu", dnn: bool = False,
-                 fp16: bool = False, fuse: bool = True):  # fmt: skip
+                 fp16: bool = False, fuse: bool = True, compile: bool = False):  # fmt: skip
         super().__init__()
         self.weights = Path(weights)
         self.device = torch.device(device)
@@ -61,22 +67,34 @@ class AutoBackend(nn.Module):
             raise FileNotFoundError(f"weights not found: {self.weights}")
         self.pt, self.jit, self.onnx, self.xml = (fmt == f for f in ("pt", "torchscript", "onnx", "openvino"))
         self.dnn = bool(dnn and self.onnx)
-        self.fp16 = bool(fp16 and self.device.type == "cuda")
+        self.fp16 = self.bf16 = False
+        self.compiled: Runner | None = None
         self.dynamic = True
         self.imgsz: tuple[int, int] | None = None  # fixed input size of an export, None if any
         self.batch_size: int | None = None  # fixed batch of an export, None if any
+        if compile and not self.pt:
+            LOGGER.warning(f"WARNING: --compile applies to .pt weights; {self.weights.name} runs as exported")
         if self.pt:
-            self._load_pt(fuse)
+            self._load_pt(fuse, fp16, compile)
         else:
             self._load_export(fmt)
 
-    def _load_pt(self, fuse: bool) -> None:
+    def _load_pt(self, fuse: bool, half: bool, compile: bool) -> None:
         ckpt = load_checkpoint(self.weights)  # a foreign pickle raises CheckpointError: never caught here
         self.model = model_from_checkpoint(ckpt, device=self.device, fuse=fuse)
+        dtype = half_dtype(self.device) if half else None
+        if half and dtype is None:
+            LOGGER.warning(
+                f"WARNING: --half: no faster reduced precision on {self.device} (fp16 needs CUDA, bf16 a CPU "
+                "with AVX512-BF16 or AMX); running fp32"
+            )
+        self.fp16, self.bf16 = dtype == torch.float16, dtype == torch.bfloat16
         if self.fp16:
             self.model.half()
         self.memory_format = conv_memory_format(self.device)
         self.model.to(memory_format=self.memory_format)
+        if compile:
+            self.compiled = torch.compile(self.model)
         self.stride = int(self.model.stride.max())
         self.names: dict[int, str] = dict(self.model.names)
         self.nc = len(self.names)
@@ -102,7 +120,12 @@ class AutoBackend(nn.Module):
             x = im.to(self.device)
             x = x.half() if self.fp16 else x.float()
             x = x.contiguous(memory_format=self.memory_format)
-            return self.model(x, augment=augment, visualize=visualize)[0].to(im.device)
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.bf16):
+                if self.compiled is not None and not (augment or visualize):
+                    y = self.compiled(x)
+                else:
+                    y = self.model(x, augment=augment, visualize=visualize)
+            return y[0].to(im.device)
         if augment or visualize:
             raise ValueError(f"--augment and --visualize need .pt weights; {self.weights.name} is an export")
         self._check_shape(im)

@@ -65,6 +65,8 @@ class Detect(nn.Module):
 
     def decode(self, p: torch.Tensor, i: int) -> torch.Tensor:
         """Raw map (bs, na, ny, nx, no) of level i -> (bs, na*ny*nx, no) boxes in pixels, scores in 0..1."""
+        if p.dtype == torch.bfloat16:  # 8 mantissa bits would round coordinates to whole pixels and worse
+            p = p.float()
         bs, na, ny, nx, no = p.shape
         ys = torch.arange(ny, device=p.device, dtype=p.dtype)
         xs = torch.arange(nx, device=p.device, dtype=p.dtype)

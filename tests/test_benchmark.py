@@ -48,3 +48,33 @@ def test_int8_format_exports_quantised_openvino_calibrated_on_the_data(monkeypat
     assert [o.int8 for o in seen] == [False, True]
     assert seen[1].data == "shapes.yaml" and seen[0].data is None
     assert [r["format"] for r in rows] == ["pytorch", "openvino", "openvino-int8"]
+
+
+def test_throughput_table_rows_per_variant_and_batch(monkeypatch, project_log):
+    """Every inference mode at every batch; AMP rows only where --half has a faster precision."""
+    import torch
+
+    from utils import benchmark
+
+    compiled = []
+    monkeypatch.setattr(torch, "compile", lambda m: compiled.append(m) or m)
+    monkeypatch.setattr(benchmark, "half_dtype", lambda device: None)
+    rows = benchmark.throughput_table("yolov5n.yaml", 64, "cpu", batches=(1, 2), runs=1)
+    variants = ["fp32", "fp32 + channels_last", "fp32 + channels_last + torch.compile"]
+    assert [(r.variant, r.batch) for r in rows] == [(v, b) for v in variants for b in (1, 2)]
+    assert len(compiled) == 1 and all(r.images_per_second > 0 for r in rows)
+    assert rows[1].images_per_second == pytest.approx(2 / rows[1].ms * 1e3)
+    benchmark.print_throughput(rows, "yolov5n.yaml", 64, "cpu")
+    table = project_log[project_log.index("yolov5n.yaml at 64, device cpu: images/s by batch size") :]
+    assert table[1].split() == ["variant", "batch", "1", "batch", "2"]
+    assert [line.split()[0] for line in table[2:]] == ["fp32"] * 3
+
+
+def test_throughput_table_adds_amp_rows_where_half_is_faster(monkeypatch):
+    import torch
+
+    from utils import benchmark
+
+    monkeypatch.setattr(benchmark, "half_dtype", lambda device: torch.bfloat16)
+    rows = benchmark.throughput_table("yolov5n.yaml", 64, "cpu", batches=(1,), compile=False, runs=1)
+    assert [r.variant for r in rows] == ["fp32", "fp32 + channels_last", "AMP", "AMP + channels_last"]

@@ -17,7 +17,7 @@ import torch
 import torch.nn as nn
 
 from utils.general import LOGGER
-from utils.torch_utils import conv_memory_format, count_flops
+from utils.torch_utils import conv_memory_format, count_flops, cpu_bf16_supported, half_dtype
 
 
 def median_seconds(fn: Callable[[], Any], runs: int = 10, warmup: int = 2) -> float:
@@ -114,8 +114,9 @@ def _eager_variants(model: nn.Module) -> dict[str, Callable[[torch.Tensor], Any]
         with torch.autocast("cpu", dtype=torch.bfloat16):
             return fused_cl(x.contiguous(memory_format=torch.channels_last))
 
+    bf16_name = "bf16 autocast (--half)" if cpu_bf16_supported() else "bf16 autocast (emulated)"
     return {"eager fp32 unfused": unfused, "eager fp32 fused": fused, "fused + channels_last": cl,
-            "bf16 autocast (--half)": bf16}  # fmt: skip
+            bf16_name: bf16}  # fmt: skip
 
 
 def _onnx_variants(model: nn.Module, imgsz: int, tmp: Path, int8: bool) -> dict[str, Callable]:
@@ -181,6 +182,83 @@ def print_speed(rows: list[SpeedRow], cfg: str) -> None:
     for r in rows:
         LOGGER.info(f"{r.variant:<30}{r.imgsz:>5}{r.gflops:>9.2f}{r.ms:>9.1f}{r.gflops / r.ms * 1e3:>9.1f}"
                     f"{r.efficiency:>8.0%}{base[r.imgsz] / r.ms:>8.2f}x")  # fmt: skip
+
+
+# ------------------------------------------------------------------------------- throughput by batch
+THROUGHPUT_BATCHES = (1, 16, 64)
+
+
+@dataclass
+class ThroughputRow:
+    variant: str
+    batch: int
+    ms: float  # per batch
+
+    @property
+    def images_per_second(self) -> float:
+        return self.batch / self.ms * 1e3
+
+
+def _throughput_variants(model: nn.Module, device: torch.device, compile: bool) -> dict[str, Callable]:
+    """fp32, AMP (fp16 on CUDA, bf16 on a CPU with native bf16), channels_last, then torch.compile of
+    the fastest-looking combination. The model is fused and in eval mode."""
+    amp_dtype = half_dtype(device)
+    cl_model = copy.deepcopy(model).to(memory_format=torch.channels_last)
+
+    def run(m: nn.Module, channels_last: bool, amp: bool) -> Callable:
+        fmt = torch.channels_last if channels_last else torch.contiguous_format
+
+        def fn(x: torch.Tensor) -> Any:
+            with torch.autocast(device.type, dtype=amp_dtype, enabled=amp):
+                return m(x.contiguous(memory_format=fmt))
+
+        return fn
+
+    variants = {"fp32": run(model, False, False), "fp32 + channels_last": run(cl_model, True, False)}
+    if amp_dtype is not None:
+        variants["AMP"] = run(model, False, True)
+        variants["AMP + channels_last"] = run(cl_model, True, True)
+    if compile:
+        variants[f"{list(variants)[-1]} + torch.compile"] = run(torch.compile(cl_model), True, amp_dtype is not None)
+    return variants
+
+
+def throughput_table(cfg: str, imgsz: int, device: str = "cpu", batches: tuple[int, ...] = THROUGHPUT_BATCHES,
+                     compile: bool = True, runs: int = 10) -> list[ThroughputRow]:  # fmt: skip
+    """Images/s of an untrained, fused ``cfg`` model at each batch size, for each inference mode.
+
+    Each mode is warmed up at each batch before timing (torch.compile compiles there), and CUDA is
+    synchronised around every timed call. AMP rows appear where ``--half`` has a faster precision.
+    """
+    from models.yolo import DetectionModel
+    from utils.torch_utils import select_device
+
+    dev = select_device(device)
+    model = DetectionModel(cfg, verbose=False).eval().fuse().to(dev)
+    rows = []
+    for name, fn in _throughput_variants(model, dev, compile).items():
+        for b in batches:
+            x = torch.rand(b, 3, imgsz, imgsz, device=dev)
+
+            def call(fn: Callable = fn, x: torch.Tensor = x) -> None:
+                fn(x)
+                if dev.type == "cuda":
+                    torch.cuda.synchronize(dev)
+
+            with torch.inference_mode():
+                ms = median_seconds(call, runs=runs, warmup=3) * 1e3
+            rows.append(ThroughputRow(name, b, ms))
+            LOGGER.info(f"  {name:<36} batch {b:>3}  {ms:9.1f} ms  {rows[-1].images_per_second:9.1f} img/s")
+    return rows
+
+
+def print_throughput(rows: list[ThroughputRow], cfg: str, imgsz: int, device: str) -> None:
+    batches = sorted({r.batch for r in rows})
+    LOGGER.info(f"\n{cfg} at {imgsz}, device {device}: images/s by batch size")
+    LOGGER.info(f"{'variant':<38}" + "".join(f"{'batch ' + str(b):>12}" for b in batches))
+    for name in dict.fromkeys(r.variant for r in rows):
+        ips = {r.batch: r.images_per_second for r in rows if r.variant == name}
+        LOGGER.info(f"{name:<38}" + "".join(f"{ips[b]:>12.1f}" for b in batches))
 
 
 # ------------------------------------------------------------------------------------ training speed

@@ -67,6 +67,29 @@ def conv_memory_format(device: torch.device) -> torch.memory_format:
     return torch.channels_last if device.type == "cpu" else torch.contiguous_format
 
 
+def cpu_bf16_supported() -> bool:
+    """Whether this CPU runs bf16 matrix maths natively (AVX512-BF16 or AMX), so bf16 autocast pays.
+
+    Without it oneDNN emulates bf16 in fp32 and autocast only adds conversions.
+    """
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):  # a build without oneDNN
+        return False
+
+
+def half_dtype(device: torch.device) -> torch.dtype | None:
+    """The reduced precision ``--half`` runs in on ``device``, or None where it would not be faster.
+
+    CUDA: fp16 weights and inputs. CPU: bf16 autocast where the CPU has native bf16, else None (fp32).
+    """
+    if device.type == "cuda":
+        return torch.float16
+    if device.type == "cpu" and cpu_bf16_supported():
+        return torch.bfloat16
+    return None
+
+
 def time_sync() -> float:
     if torch.cuda.is_available():
         torch.cuda.synchronize()
