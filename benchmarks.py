@@ -25,18 +25,28 @@ def parse_opt(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--weights", type=str, default="", help="checkpoint for the formats table")
     p.add_argument("--data", type=str, default="data/shapes.yaml")
     p.add_argument("--imgsz", "--img", "--img-size", type=int, nargs="+", default=[640])
-    p.add_argument("--include", nargs="+", default=["torchscript", "onnx", "openvino", "openvino-int8"],
-                   help="export formats for the table; openvino-int8 = OpenVINO with nncf int8 quantisation")
+    p.add_argument(
+        "--include",
+        nargs="+",
+        default=["pytorch-half", "torchscript", "onnx", "openvino", "openvino-int8"],
+        help="formats for the table; pytorch-half = the .pt with --half (bf16 on a CPU that has it), "
+        "openvino-int8 = OpenVINO with nncf int8 quantisation",
+    )
     p.add_argument("--device", default="cpu")
     p.add_argument("--speed", action="store_true", help="batch-1 latency of every CPU inference path")
     p.add_argument("--train-speed", action="store_true", help="training images/s: loader, model, both")
     p.add_argument(
         "--cfg", nargs="+", default=["yolov5-resnet50-cbam.yaml"], help="model YAML(s) for --speed and others"
     )
-    p.add_argument("--throughput", action="store_true",
-                   help="images/s by batch: fp32, AMP, channels_last, torch.compile (for a GPU)")
+    p.add_argument(
+        "--throughput",
+        action="store_true",
+        help="images/s by batch: fp32, AMP, channels_last, torch.compile (for a GPU)",
+    )
     p.add_argument("--batches", type=int, nargs="+", default=[1, 16, 64], help="batch sizes for --throughput")
-    p.add_argument("--no-compile", action="store_true", help="leave the torch.compile row out of --throughput")
+    p.add_argument(
+        "--no-compile", action="store_true", help="leave the torch.compile row out of --throughput"
+    )
     p.add_argument("--batch-size", type=int, default=16, help="batch for --train-speed")
     p.add_argument("--runs", type=int, default=10, help="timed runs per --speed variant")
     p.add_argument("--no-int8", action="store_true", help="skip the int8 ONNX Runtime row")
@@ -55,7 +65,9 @@ def main(argv: list[str] | None = None) -> int:
         elif opt.throughput:
             for cfg in opt.cfg:
                 for s in opt.imgsz:
-                    rows = bm.throughput_table(cfg, s, opt.device, tuple(opt.batches), not opt.no_compile, opt.runs)
+                    rows = bm.throughput_table(
+                        cfg, s, opt.device, tuple(opt.batches), not opt.no_compile, opt.runs
+                    )
                     bm.print_throughput(rows, cfg, s, opt.device)
         elif opt.train_speed:
             for cfg in opt.cfg:

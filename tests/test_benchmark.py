@@ -50,6 +50,30 @@ def test_int8_format_exports_quantised_openvino_calibrated_on_the_data(monkeypat
     assert [r["format"] for r in rows] == ["pytorch", "openvino", "openvino-int8"]
 
 
+@pytest.mark.parametrize("dtype", [None, "bf16"])
+def test_half_row_validates_the_pt_with_half_where_the_device_has_it(monkeypatch, tmp_path, dtype):
+    """'pytorch-half' is the .pt validated with --half, and is left out where --half would be fp32."""
+    from types import SimpleNamespace
+
+    import torch
+
+    import val
+    from utils import benchmark
+
+    weights = tmp_path / "w.pt"
+    weights.write_bytes(b"0" * 1000)
+    calls = []
+    monkeypatch.setattr(benchmark, "half_dtype", lambda device: dtype and torch.bfloat16)
+    monkeypatch.setattr(
+        val, "run", lambda **kw: calls.append(kw) or SimpleNamespace(map=0.5, speed_ms=(0.0, 10.0, 0.0))
+    )
+    rows = benchmark.formats_table(str(weights), "shapes.yaml", 64, ("pytorch-half",))
+    expected = ["pytorch", "pytorch-half"] if dtype else ["pytorch"]
+    assert [r["format"] for r in rows] == expected
+    assert [c["half"] for c in calls] == [False, True][: len(expected)]
+    assert all(c["weights"] == str(weights) for c in calls)
+
+
 def test_throughput_table_rows_per_variant_and_batch(monkeypatch, project_log):
     """Every inference mode at every batch; AMP rows only where --half has a faster precision."""
     import torch

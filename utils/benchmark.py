@@ -48,17 +48,22 @@ def formats_table(weights: str, data: str, imgsz: int, formats: tuple[str, ...],
     """Export to each format, validate it and collect size, mAP50-95 and inference ms per image.
 
     A format name ending in ``-int8`` (``openvino-int8``) is exported with int8 post-training
-    quantisation calibrated on ``data``.
+    quantisation calibrated on ``data``. ``pytorch-half`` validates the .pt with ``--half`` (fp16 on
+    CUDA, bf16 autocast on a CPU with native bf16); it is left out where the device has neither.
     """
     import val
     from utils.export.common import path_size
     from utils.export.runner import ExportOptions, run_export
+    from utils.torch_utils import select_device
 
+    if "pytorch-half" in formats and half_dtype(select_device(device)) is None:
+        LOGGER.info(f"pytorch-half: left out, no faster reduced precision on device {device!r}")
+        formats = tuple(f for f in formats if f != "pytorch-half")
     rows = []
     for fmt in ("pytorch", *formats):
         path, size = Path(weights), path_size(Path(weights))
         try:
-            if fmt != "pytorch":
+            if fmt not in ("pytorch", "pytorch-half"):
                 base, int8 = fmt.removesuffix("-int8"), fmt.endswith("-int8")  # openvino-int8: quantised
                 options = ExportOptions(include=(base,), imgsz=(imgsz, imgsz), device=device, int8=int8,
                                         data=data if int8 else None)  # fmt: skip
@@ -67,7 +72,8 @@ def formats_table(weights: str, data: str, imgsz: int, formats: tuple[str, ...],
                     raise RuntimeError(result.error)
                 path, size = Path(result.path), path_size(Path(result.path))
             res = val.run(data=data, weights=str(path), imgsz=imgsz, batch_size=batch_size, device=device,
-                          plots=False, project="runs/benchmarks", name=fmt, exist_ok=True, workers=2)  # fmt: skip
+                          half=fmt == "pytorch-half", plots=False, project="runs/benchmarks", name=fmt,
+                          exist_ok=True, workers=2)  # fmt: skip
             rows.append({"format": fmt, "size_mb": size / 1e6, "map": res.map, "ms": res.speed_ms[1]})
         except Exception as e:  # one failing format must not hide the others
             LOGGER.warning(f"{fmt}: failed ({type(e).__name__}: {e})")
@@ -219,7 +225,9 @@ def _throughput_variants(model: nn.Module, device: torch.device, compile: bool) 
         variants["AMP"] = run(model, False, True)
         variants["AMP + channels_last"] = run(cl_model, True, True)
     if compile:
-        variants[f"{list(variants)[-1]} + torch.compile"] = run(torch.compile(cl_model), True, amp_dtype is not None)
+        variants[f"{list(variants)[-1]} + torch.compile"] = run(
+            torch.compile(cl_model), True, amp_dtype is not None
+        )
     return variants
 
 
