@@ -102,3 +102,41 @@ def test_throughput_table_adds_amp_rows_where_half_is_faster(monkeypatch):
     monkeypatch.setattr(benchmark, "half_dtype", lambda device: torch.bfloat16)
     rows = benchmark.throughput_table("yolov5n.yaml", 64, "cpu", batches=(1,), compile=False, runs=1)
     assert [r.variant for r in rows] == ["fp32", "fp32 + channels_last", "AMP", "AMP + channels_last"]
+
+
+def test_trained_like_gives_every_batchnorm_nonzero_random_parameters():
+    """Benchmarks time a model whose fused convolutions are all non-zero, as after training."""
+    import torch
+
+    from models.yolo import DetectionModel
+    from utils.benchmark import trained_like
+
+    model = DetectionModel("yolov5-resnet50-cbam.yaml", verbose=False).eval()
+    bns = [m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    assert any(bool((bn.weight == 0).all()) for bn in bns)  # identity-start bottlenecks
+    assert trained_like(model) is model
+    assert all(bool((bn.weight >= 0.5).all()) and bool((bn.running_var >= 0.5).all()) for bn in bns)
+    fused = model.fuse()
+    convs = [m for m in fused.modules() if isinstance(m, torch.nn.Conv2d)]
+    assert all(bool(c.weight.abs().sum() > 0) for c in convs)
+    again = trained_like(DetectionModel("yolov5-resnet50-cbam.yaml", verbose=False).eval())
+    assert torch.equal(
+        next(m for m in again.modules() if isinstance(m, torch.nn.BatchNorm2d)).weight, bns[0].weight
+    )
+
+
+def test_gemm_peak_is_the_better_of_matmul_and_a_onednn_1x1_convolution(monkeypatch):
+    """The peak is not held down by a slow BLAS: a faster oneDNN GEMM (1x1 conv) sets it."""
+    from utils import benchmark
+
+    times = iter([1.0, 2.0, 1.0, 0.5, 0.25, 0.5])  # 3 matmul trials, then 3 conv trials (seconds)
+
+    def fake_median(fn, runs=10, warmup=2):
+        fn()
+        return next(times)
+
+    monkeypatch.setattr(benchmark, "median_seconds", fake_median)
+    conv_flops = 2 * 1024 * 1024 * 64 * 64
+    assert benchmark.gemm_peak(n=8, runs=1, trials=3) == conv_flops / 0.25
+    times = iter([1e-9, 1.0, 1.0, 1.0, 1.0, 1.0])  # a fast matmul wins
+    assert benchmark.gemm_peak(n=8, runs=1, trials=3) == 2 * 8**3 / 1e-9

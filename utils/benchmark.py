@@ -33,13 +33,40 @@ def median_seconds(fn: Callable[[], Any], runs: int = 10, warmup: int = 2) -> fl
 
 
 def gemm_peak(n: int = 2048, runs: int = 10, trials: int = 3) -> float:
-    """Measured fp32 matrix-multiply throughput of this machine in FLOP/s (square n x n GEMM).
+    """Measured fp32 matrix-multiply throughput of this machine in FLOP/s.
 
-    The best of a few trials: a peak is what the machine can reach, and one trial can be slowed by
-    frequency ramp-up or a neighbour on the cores.
+    The better of two GEMM libraries: ``torch.matmul`` of two n x n matrices (MKL or OpenBLAS) and
+    a 1x1 convolution in channels_last, which oneDNN runs as a (64*64, 1024) x (1024, 1024) matrix
+    multiply. On AMD CPUs MKL's sgemm reaches well under half of what oneDNN reaches, so the matmul
+    alone would understate the peak. The best of a few trials of each: a peak is what the machine
+    can reach, and one trial can be slowed by frequency ramp-up or a neighbour on the cores.
     """
     a, b = torch.rand(n, n), torch.rand(n, n)
-    return max(2 * n**3 / median_seconds(lambda: a @ b, runs=runs) for _ in range(trials))
+    c, hw = 1024, 64
+    x = torch.rand(1, c, hw, hw).contiguous(memory_format=torch.channels_last)
+    conv = nn.Conv2d(c, c, 1, bias=False).eval().to(memory_format=torch.channels_last)
+    with torch.inference_mode():
+        matmul = max(2 * n**3 / median_seconds(lambda: a @ b, runs=runs) for _ in range(trials))
+        conv1x1 = max(2 * c * c * hw * hw / median_seconds(lambda: conv(x), runs=runs) for _ in range(trials))
+    return max(matmul, conv1x1)
+
+
+def trained_like(model: nn.Module, seed: int = 0) -> nn.Module:
+    """Give every BatchNorm random statistics and affine parameters, in place, as training would.
+
+    A fresh model's ResNet bottlenecks end in a zero BatchNorm weight (identity start), so fusing
+    leaves all-zero convolutions; some tools treat those specially (onnxruntime's quantiser rejects
+    them), and a benchmark should time the model as it is deployed.
+    """
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.weight.copy_(torch.rand(m.weight.shape, generator=g) + 0.5)
+                m.bias.copy_(torch.randn(m.bias.shape, generator=g) * 0.1)
+                m.running_mean.copy_(torch.randn(m.running_mean.shape, generator=g) * 0.1)
+                m.running_var.copy_(torch.rand(m.running_var.shape, generator=g) + 0.5)
+    return model
 
 
 # ------------------------------------------------------------------------------------ export formats
@@ -157,11 +184,11 @@ def _onnx_variants(model: nn.Module, imgsz: int, tmp: Path, int8: bool) -> dict[
 
 def inference_speed(cfg: str, sizes: list[int], runs: int = 10, onnx: bool = True, int8: bool = True,
                     tmp: Path = Path("runs/benchmarks")) -> list[SpeedRow]:  # fmt: skip
-    """Batch-1 latency of each inference path of an (untrained) model built from cfg."""
+    """Batch-1 latency of each inference path of a model built from cfg (random weights)."""
     from models.yolo import DetectionModel
 
     tmp.mkdir(parents=True, exist_ok=True)
-    model = DetectionModel(cfg, verbose=False).eval()
+    model = trained_like(DetectionModel(cfg, verbose=False).eval())
     peak = gemm_peak() / 1e9
     rows = []
     for s in sizes:
@@ -233,7 +260,7 @@ def _throughput_variants(model: nn.Module, device: torch.device, compile: bool) 
 
 def throughput_table(cfg: str, imgsz: int, device: str = "cpu", batches: tuple[int, ...] = THROUGHPUT_BATCHES,
                      compile: bool = True, runs: int = 10) -> list[ThroughputRow]:  # fmt: skip
-    """Images/s of an untrained, fused ``cfg`` model at each batch size, for each inference mode.
+    """Images/s of a fused ``cfg`` model (random weights) at each batch size, for each inference mode.
 
     Each mode is warmed up at each batch before timing (torch.compile compiles there), and CUDA is
     synchronised around every timed call. AMP rows appear where ``--half`` has a faster precision.
@@ -242,7 +269,7 @@ def throughput_table(cfg: str, imgsz: int, device: str = "cpu", batches: tuple[i
     from utils.torch_utils import select_device
 
     dev = select_device(device)
-    model = DetectionModel(cfg, verbose=False).eval().fuse().to(dev)
+    model = trained_like(DetectionModel(cfg, verbose=False).eval()).fuse().to(dev)
     rows = []
     for name, fn in _throughput_variants(model, dev, compile).items():
         for b in batches:
