@@ -45,7 +45,9 @@ def parse_opt(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--batches", type=int, nargs="+", default=[1, 16, 64], help="batch sizes for --throughput")
     p.add_argument(
-        "--no-compile", action="store_true", help="leave the torch.compile row out of --throughput"
+        "--no-compile",
+        action="store_true",
+        help="leave the torch.compile rows out of --speed and --throughput",
     )
     p.add_argument("--batch-size", type=int, default=16, help="batch for --train-speed")
     p.add_argument("--runs", type=int, default=10, help="timed runs per --speed variant")
@@ -61,7 +63,12 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if opt.speed:
             for cfg in opt.cfg:
-                bm.print_speed(bm.inference_speed(cfg, opt.imgsz, runs=opt.runs, int8=not opt.no_int8), cfg)
+                bm.print_speed(
+                    bm.inference_speed(
+                        cfg, opt.imgsz, runs=opt.runs, int8=not opt.no_int8, compile=not opt.no_compile
+                    ),
+                    cfg,
+                )
         elif opt.throughput:
             for cfg in opt.cfg:
                 for s in opt.imgsz:

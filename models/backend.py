@@ -19,7 +19,7 @@ from utils.checkpoints import load_checkpoint, model_from_checkpoint
 from utils.export.common import require
 from utils.export.metadata import ExportMetadata
 from utils.general import LOGGER
-from utils.torch_utils import conv_memory_format, half_dtype
+from utils.torch_utils import compile_for_inference, conv_memory_format, half_dtype
 
 SUPPORTED_FORMATS = {
     "PyTorch": ".pt",
@@ -53,7 +53,7 @@ class AutoBackend(nn.Module):
 
     ``fp16`` asks for reduced precision, as ``--half`` does: fp16 weights on CUDA; bf16 autocast on
     a CPU with native bf16 (AVX512-BF16 or AMX); elsewhere a warning and fp32, which is faster there.
-    ``compile`` wraps a .pt model in ``torch.compile``: the first batch of each new input shape is
+    ``compile`` wraps a .pt model in ``torch.compile`` with frozen weights: the first batch of each new input shape is
     slow while it compiles, later ones are faster; --augment and --visualize run the eager model.
     """
 
@@ -94,7 +94,7 @@ class AutoBackend(nn.Module):
         self.memory_format = conv_memory_format(self.device)
         self.model.to(memory_format=self.memory_format)
         if compile:
-            self.compiled = torch.compile(self.model)
+            self.compiled = compile_for_inference(self.model)
         self.stride = int(self.model.stride.max())
         self.names: dict[int, str] = dict(self.model.names)
         self.nc = len(self.names)

@@ -49,7 +49,9 @@ def test_half_without_faster_precision_warns_and_runs_fp32(monkeypatch, tiny_che
     backend = AutoBackend(tiny_checkpoint, fp16=True)
     assert not (backend.bf16 or backend.fp16)
     assert any("--half" in line and "running fp32" in line for line in project_log)
-    torch.testing.assert_close(_predict(backend, x), _predict(AutoBackend(tiny_checkpoint), x), rtol=0, atol=0)
+    torch.testing.assert_close(
+        _predict(backend, x), _predict(AutoBackend(tiny_checkpoint), x), rtol=0, atol=0
+    )
 
 
 def test_decode_of_bf16_maps_is_fp32():
@@ -65,7 +67,9 @@ def test_decode_of_bf16_maps_is_fp32():
 def test_compile_wraps_plain_forward_only(monkeypatch, tiny_checkpoint: Path):
     calls = []
 
-    def fake_compile(model):
+    def fake_compile(model, options=None):
+        assert options == {"freezing": True}  # weights are constants: oneDNN packing and fusion
+
         def compiled(x):
             calls.append(tuple(x.shape))
             return model(x)

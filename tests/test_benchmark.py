@@ -81,7 +81,7 @@ def test_throughput_table_rows_per_variant_and_batch(monkeypatch, project_log):
     from utils import benchmark
 
     compiled = []
-    monkeypatch.setattr(torch, "compile", lambda m: compiled.append(m) or m)
+    monkeypatch.setattr(torch, "compile", lambda m, options=None: compiled.append(m) or m)
     monkeypatch.setattr(benchmark, "half_dtype", lambda device: None)
     rows = benchmark.throughput_table("yolov5n.yaml", 64, "cpu", batches=(1, 2), runs=1)
     variants = ["fp32", "fp32 + channels_last", "fp32 + channels_last + torch.compile"]
@@ -140,3 +140,20 @@ def test_gemm_peak_is_the_better_of_matmul_and_a_onednn_1x1_convolution(monkeypa
     assert benchmark.gemm_peak(n=8, runs=1, trials=3) == conv_flops / 0.25
     times = iter([1e-9, 1.0, 1.0, 1.0, 1.0, 1.0])  # a fast matmul wins
     assert benchmark.gemm_peak(n=8, runs=1, trials=3) == 2 * 8**3 / 1e-9
+
+
+@pytest.mark.parametrize("bf16", [False, True])
+def test_speed_rows_include_the_compiled_paths(monkeypatch, bf16):
+    """--speed times --compile (frozen weights) and, on a CPU with bf16, --compile --half too."""
+    from utils import benchmark
+
+    compiled = []
+    monkeypatch.setattr(benchmark, "compile_for_inference", lambda m: compiled.append(m) or m)
+    monkeypatch.setattr(benchmark, "cpu_bf16_supported", lambda: bf16)
+    monkeypatch.setattr(benchmark, "gemm_peak", lambda: 1e11)
+    rows = benchmark.inference_speed("yolov5n.yaml", [64], runs=1, onnx=False)
+    names = [r.variant for r in rows]
+    extra = ["compile + bf16 (--compile --half)"] if bf16 else []
+    assert names[-1 - len(extra) :] == ["torch.compile frozen (--compile)", *extra]
+    assert len(compiled) == 1 + bf16 and all(r.ms > 0 and r.imgsz == 64 for r in rows)
+    assert rows[0].peak_gflops == 100.0

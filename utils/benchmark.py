@@ -17,7 +17,13 @@ import torch
 import torch.nn as nn
 
 from utils.general import LOGGER
-from utils.torch_utils import conv_memory_format, count_flops, cpu_bf16_supported, half_dtype
+from utils.torch_utils import (
+    compile_for_inference,
+    conv_memory_format,
+    count_flops,
+    cpu_bf16_supported,
+    half_dtype,
+)
 
 
 def median_seconds(fn: Callable[[], Any], runs: int = 10, warmup: int = 2) -> float:
@@ -135,7 +141,9 @@ class SpeedRow:
         return self.gflops / (self.ms / 1e3) / self.peak_gflops
 
 
-def _eager_variants(model: nn.Module) -> dict[str, Callable[[torch.Tensor], Any]]:
+def _eager_variants(model: nn.Module, compile: bool) -> dict[str, Callable[[torch.Tensor], Any]]:
+    """The .pt paths: eager fp32 unfused / fused / channels_last, bf16 autocast (--half) and, with
+    ``compile``, torch.compile with frozen weights (--compile), fp32 and under bf16 autocast."""
     unfused = copy.deepcopy(model).eval()
     fused = copy.deepcopy(model).eval().fuse()
     fused_cl = copy.deepcopy(fused).to(memory_format=torch.channels_last)
@@ -148,8 +156,25 @@ def _eager_variants(model: nn.Module) -> dict[str, Callable[[torch.Tensor], Any]
             return fused_cl(x.contiguous(memory_format=torch.channels_last))
 
     bf16_name = "bf16 autocast (--half)" if cpu_bf16_supported() else "bf16 autocast (emulated)"
-    return {"eager fp32 unfused": unfused, "eager fp32 fused": fused, "fused + channels_last": cl,
-            bf16_name: bf16}  # fmt: skip
+    variants = {"eager fp32 unfused": unfused, "eager fp32 fused": fused, "fused + channels_last": cl,
+                bf16_name: bf16}  # fmt: skip
+    if compile:
+        torch._dynamo.reset()  # a fresh compile per input size, not a dynamic-shape recompile
+        compiled = compile_for_inference(fused_cl)
+
+        def compiled_fp32(x: torch.Tensor) -> Any:
+            return compiled(x.contiguous(memory_format=torch.channels_last))
+
+        variants["torch.compile frozen (--compile)"] = compiled_fp32
+        if cpu_bf16_supported():
+            compiled_bf16 = compile_for_inference(copy.deepcopy(fused_cl))
+
+            def compiled_half(x: torch.Tensor) -> Any:
+                with torch.autocast("cpu", dtype=torch.bfloat16):
+                    return compiled_bf16(x.contiguous(memory_format=torch.channels_last))
+
+            variants["compile + bf16 (--compile --half)"] = compiled_half
+    return variants
 
 
 def _onnx_variants(model: nn.Module, imgsz: int, tmp: Path, int8: bool) -> dict[str, Callable]:
@@ -183,8 +208,10 @@ def _onnx_variants(model: nn.Module, imgsz: int, tmp: Path, int8: bool) -> dict[
 
 
 def inference_speed(cfg: str, sizes: list[int], runs: int = 10, onnx: bool = True, int8: bool = True,
-                    tmp: Path = Path("runs/benchmarks")) -> list[SpeedRow]:  # fmt: skip
-    """Batch-1 latency of each inference path of a model built from cfg (random weights)."""
+                    compile: bool = True, tmp: Path = Path("runs/benchmarks")) -> list[SpeedRow]:  # fmt: skip
+    """Batch-1 latency of each inference path of a model built from cfg (random weights).
+
+    torch.compile rows include no compile time: the first calls (warmup) compile."""
     from models.yolo import DetectionModel
 
     tmp.mkdir(parents=True, exist_ok=True)
@@ -194,14 +221,14 @@ def inference_speed(cfg: str, sizes: list[int], runs: int = 10, onnx: bool = Tru
     for s in sizes:
         x = torch.rand(1, 3, s, s)
         gflops = count_flops(copy.deepcopy(model).eval(), x) / 1e9
-        variants = _eager_variants(model)
+        variants = _eager_variants(model, compile)
         if onnx:
             variants.update(_onnx_variants(model, s, tmp, int8))
         for name, fn in variants.items():
             with torch.inference_mode():
                 ms = median_seconds(lambda fn=fn, x=x: fn(x), runs=runs) * 1e3
             rows.append(SpeedRow(name, s, ms, gflops, peak))
-            LOGGER.info(f"  {name:<28} {s:>4}  {ms:8.1f} ms")
+            LOGGER.info(f"  {name:<34} {s:>4}  {ms:8.1f} ms")
     return rows
 
 
@@ -210,10 +237,10 @@ def print_speed(rows: list[SpeedRow], cfg: str) -> None:
     LOGGER.info(
         f"\n{cfg}: batch 1, {torch.get_num_threads()} threads, measured fp32 GEMM peak {peak:.1f} GFLOP/s"
     )
-    LOGGER.info(f"{'variant':<30}{'img':>5}{'GFLOPs':>9}{'ms':>9}{'GFLOP/s':>9}{'of peak':>9}{'vs eager':>9}")
+    LOGGER.info(f"{'variant':<36}{'img':>5}{'GFLOPs':>9}{'ms':>9}{'GFLOP/s':>9}{'of peak':>9}{'vs eager':>9}")
     base = {r.imgsz: r.ms for r in rows if r.variant == "eager fp32 unfused"}
     for r in rows:
-        LOGGER.info(f"{r.variant:<30}{r.imgsz:>5}{r.gflops:>9.2f}{r.ms:>9.1f}{r.gflops / r.ms * 1e3:>9.1f}"
+        LOGGER.info(f"{r.variant:<36}{r.imgsz:>5}{r.gflops:>9.2f}{r.ms:>9.1f}{r.gflops / r.ms * 1e3:>9.1f}"
                     f"{r.efficiency:>8.0%}{base[r.imgsz] / r.ms:>8.2f}x")  # fmt: skip
 
 
@@ -253,7 +280,7 @@ def _throughput_variants(model: nn.Module, device: torch.device, compile: bool) 
         variants["AMP + channels_last"] = run(cl_model, True, True)
     if compile:
         variants[f"{list(variants)[-1]} + torch.compile"] = run(
-            torch.compile(cl_model), True, amp_dtype is not None
+            compile_for_inference(cl_model), True, amp_dtype is not None
         )
     return variants
 
