@@ -85,3 +85,33 @@ def test_compile_wraps_plain_forward_only(monkeypatch, tiny_checkpoint: Path):
     assert calls == [(1, 3, 64, 64)]
     _predict(backend, x, augment=True)  # test-time augmentation runs the eager model
     assert len(calls) == 1
+
+
+def test_retain_freed_memory_sets_glibc_malloc_options_or_changes_nothing(monkeypatch):
+    """On glibc: mmap threshold, trim threshold and top pad all set; elsewhere False, no call."""
+    import ctypes
+    import sys
+
+    from utils import torch_utils
+
+    calls = []
+
+    def mallopt(param, value):
+        calls.append((param, value))
+        return 1
+
+    monkeypatch.setattr(
+        ctypes, "CDLL", lambda name: type("FakeLibc", (), {"mallopt": staticmethod(mallopt)})()
+    )
+    monkeypatch.setattr(sys, "platform", "linux")
+    assert torch_utils.retain_freed_memory() is True
+    assert calls == [(-3, 2**31 - 1), (-1, 2**31 - 1), (-2, 2**30)]
+
+    def no_glibc(name):
+        raise OSError(f"{name}: not found")
+
+    monkeypatch.setattr(ctypes, "CDLL", no_glibc)
+    assert torch_utils.retain_freed_memory() is False
+    monkeypatch.setattr(sys, "platform", "darwin")
+    calls.clear()
+    assert torch_utils.retain_freed_memory() is False and calls == []

@@ -23,6 +23,7 @@ from utils.torch_utils import (
     count_flops,
     cpu_bf16_supported,
     half_dtype,
+    retain_freed_memory,
 )
 
 
@@ -337,6 +338,7 @@ def train_speed(cfg: str, data: str, imgsz: int, batch_size: int = 16, batches: 
     d = check_dataset(data)
     model = DetectionModel(cfg, nc=d["nc"], verbose=False).train()
     memory_format = conv_memory_format(torch.device("cpu"))  # as the Trainer does
+    retain_freed_memory()
     model.to(memory_format=memory_format)
     loss_fn = ComputeLoss(model, hyp, imgsz=imgsz)
     opt = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
@@ -344,9 +346,13 @@ def train_speed(cfg: str, data: str, imgsz: int, batch_size: int = 16, batches: 
                                   workers=workers, nc=d["nc"])  # fmt: skip
     it = iter(loader)
     next(it)  # start the workers
+    # Long enough that the batches prefetched before the clock starts do not inflate the rate.
+    loader_batches = min(max(4 * batches, 20), len(loader) - 1 - batches)
+    if loader_batches < 1:
+        raise ValueError(f"{data}: too few training images for {batches + 2} batches of {batch_size}")
     t0 = time.perf_counter()
-    batches_seen = [next(it) for _ in range(batches)]
-    loader_ips = batches * batch_size / (time.perf_counter() - t0)
+    batches_seen = [next(it) for _ in range(loader_batches)]
+    loader_ips = loader_batches * batch_size / (time.perf_counter() - t0)
 
     def step(imgs: torch.Tensor, targets: torch.Tensor) -> None:
         loss, _ = loss_fn(model((imgs.float() / 255).contiguous(memory_format=memory_format)), targets)

@@ -30,7 +30,7 @@ from utils.general import LOGGER, check_img_size, colorstr, yaml_save
 from utils.loss import ComputeLoss
 from utils.metrics import fitness
 from utils.optim import apply_warmup, build_optimizer, lr_lambda, warmup_iterations
-from utils.torch_utils import ModelEMA, conv_memory_format, de_parallel, init_seeds
+from utils.torch_utils import ModelEMA, conv_memory_format, de_parallel, init_seeds, retain_freed_memory
 from utils.train_setup import build_model, class_weights, freeze_layers, image_weights
 
 NOMINAL_BATCH = 64  # default; a hyp file may set `nbs`
@@ -72,6 +72,8 @@ class Trainer:
         self.ckpt = ckpt
         model.names = dict(self.names)
         self.memory_format = conv_memory_format(self.device)
+        if self.device.type == "cpu":
+            retain_freed_memory()  # no page faults on each step's activations
         self.model = model.to(self.device, memory_format=self.memory_format)
         freeze_layers(self.model, opt.freeze)
         self.gs = max(int(self.model.stride.max()), 32)
