@@ -8,6 +8,7 @@ Exported files carry their own metadata (written by export.py), so no checkpoint
 from __future__ import annotations
 
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -77,7 +78,7 @@ class AutoBackend(nn.Module):
         if self.pt:
             self._load_pt(fuse, fp16, compile)
         else:
-            self._load_export(fmt)
+            self._load_export(fmt, fp16)
 
     def _load_pt(self, fuse: bool, half: bool, compile: bool) -> None:
         ckpt = load_checkpoint(self.weights)  # a foreign pickle raises CheckpointError: never caught here
@@ -99,10 +100,10 @@ class AutoBackend(nn.Module):
         self.names: dict[int, str] = dict(self.model.names)
         self.nc = len(self.names)
 
-    def _load_export(self, fmt: str) -> None:
+    def _load_export(self, fmt: str, half: bool) -> None:
         self.model = None  # no nn.Module to visualise or fuse: the runtime owns the graph
         loaders = {"torchscript": _load_torchscript, "onnx": _load_dnn if self.dnn else _load_onnx,
-                   "openvino": _load_openvino}  # fmt: skip
+                   "openvino": partial(_load_openvino, half=half)}  # fmt: skip
         self._run, raw_meta, model_fp16 = loaders[fmt](self.weights, self.device)
         self.fp16 = model_fp16  # the file decides its input dtype, not the caller
         meta = _parse_metadata(raw_meta, self.weights)
@@ -222,13 +223,26 @@ def _load_dnn(path: Path, device: torch.device) -> tuple[Runner, dict[str, Any],
     return run, read_onnx_metadata(path), False
 
 
-def _load_openvino(path: Path, device: torch.device) -> tuple[Runner, dict[str, Any], bool]:
+def _load_openvino(
+    path: Path, device: torch.device, half: bool = False
+) -> tuple[Runner, dict[str, Any], bool]:
+    """OpenVINO on the CPU (its GPU device means Intel GPUs), in fp32 unless ``half``.
+
+    OpenVINO would pick bf16 by itself on a CPU with native bf16; the precision is set explicitly so
+    that, as for .pt weights, reduced precision is what ``--half`` asks for and nothing else.
+    """
     ov = require("openvino", purpose="running OpenVINO weights")
     from utils.export.openvino_format import find_openvino_xml, read_openvino_metadata
 
     xml = find_openvino_xml(path)
+    bf16 = half and half_dtype(torch.device("cpu")) == torch.bfloat16
+    if half and not bf16:
+        LOGGER.warning(
+            "WARNING: --half: this CPU has no native bf16 (AVX512-BF16 or AMX); OpenVINO runs fp32"
+        )
     core = ov.Core()
-    compiled = core.compile_model(core.read_model(str(xml)), "CPU")  # OpenVINO's GPU means Intel GPUs
+    config = {"INFERENCE_PRECISION_HINT": "bf16" if bf16 else "f32"}
+    compiled = core.compile_model(core.read_model(str(xml)), "CPU", config)
     output = compiled.output(0)
 
     def run(x: torch.Tensor) -> torch.Tensor:

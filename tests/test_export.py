@@ -103,6 +103,32 @@ def test_dynamic_export_matches_pytorch_at_other_batch_and_size(small, fmt):
     _close(pred, _predict(small["ref"], x))
 
 
+@pytest.mark.skipif(not HAS_OPENVINO, reason="openvino not installed")
+@pytest.mark.parametrize(
+    ("half", "native_bf16", "hint"), [(False, True, "f32"), (True, True, "bf16"), (True, False, "f32")]
+)
+def test_openvino_precision_is_fp32_unless_half_asks_for_bf16(small, monkeypatch, half, native_bf16, hint):
+    """OpenVINO would choose bf16 itself on a bf16 CPU; the backend sets f32, or bf16 for --half."""
+    import openvino as ov
+
+    from models import backend as backend_module
+
+    configs = []
+
+    class RecordingCore(ov.Core):
+        def compile_model(self, model, device, config=None):
+            configs.append((device, config))
+            return super().compile_model(model, device, config)
+
+    monkeypatch.setattr(ov, "Core", RecordingCore)
+    monkeypatch.setattr(backend_module, "half_dtype", lambda device: torch.bfloat16 if native_bf16 else None)
+    backend = AutoBackend(small["dyn"].result("openvino").path, fp16=half)
+    assert configs == [("CPU", {"INFERENCE_PRECISION_HINT": hint})]
+    if hint == "f32":  # fp32 everywhere, whatever the CPU
+        x = torch.rand(1, 3, 64, 96)
+        _close(_predict(backend, x), _predict(small["ref"], x))
+
+
 @pytest.mark.parametrize("fmt", ["torchscript", "onnx", "openvino"])
 def test_fixed_export_through_autobackend(small, fmt):
     if fmt == "openvino" and not HAS_OPENVINO:
