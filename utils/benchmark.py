@@ -216,6 +216,7 @@ def inference_speed(cfg: str, sizes: list[int], runs: int = 10, onnx: bool = Tru
     from models.yolo import DetectionModel
 
     tmp.mkdir(parents=True, exist_ok=True)
+    retain_freed_memory()  # as AutoBackend does for .pt on a CPU
     model = trained_like(DetectionModel(cfg, verbose=False).eval())
     peak = gemm_peak() / 1e9
     rows = []
