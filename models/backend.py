@@ -54,8 +54,9 @@ class AutoBackend(nn.Module):
 
     ``fp16`` asks for reduced precision, as ``--half`` does: fp16 weights on CUDA; bf16 autocast on
     a CPU with native bf16 (AVX512-BF16 or AMX); elsewhere a warning and fp32, which is faster there.
-    ``compile`` wraps a .pt model in ``torch.compile`` with frozen weights: the first batch of each new input shape is
-    slow while it compiles, later ones are faster; --augment and --visualize run the eager model.
+    ``compile`` wraps a .pt model in ``torch.compile`` with frozen weights: the first batch of each
+    new input shape is slow while it compiles, later ones are faster; --augment and --visualize run
+    the eager model.
     """
 
     def __init__(self, weights: str | Path, device: torch.device | str = "cpu", dnn: bool = False,

@@ -70,7 +70,8 @@ def conv_memory_format(device: torch.device) -> torch.memory_format:
     return torch.channels_last if device.type == "cpu" else torch.contiguous_format
 
 
-GLIBC_MALLOC_SETTINGS = ((-3, 2**31 - 1), (-1, 2**31 - 1), (-2, 2**30))  # mmap, trim threshold; top pad
+M_TRIM_THRESHOLD, M_TOP_PAD, M_MMAP_THRESHOLD = -1, -2, -3  # glibc <malloc.h> mallopt parameters
+GLIBC_MALLOC_SETTINGS = ((M_MMAP_THRESHOLD, 2**31 - 1), (M_TRIM_THRESHOLD, 2**31 - 1), (M_TOP_PAD, 2**30))
 
 
 def retain_freed_memory() -> bool:
@@ -82,7 +83,8 @@ def retain_freed_memory() -> bool:
     Raising the mmap and trim thresholds and padding the heap keep those pages mapped: yolov5s at
     320, batch 16, 2 cores, 1.26 -> 0.73 s per batch (``python benchmarks.py --train-speed``);
     yolov5-resnet50-cbam inference at 640, batch 1: 360 -> 315 ms. Called by the trainer and by
-    AutoBackend on a CPU. The process then stays at its peak resident size. Returns False, changing nothing, off glibc.
+    AutoBackend on a CPU. The process then stays at its peak resident size. Returns False, changing
+    nothing, off glibc.
     """
     if not sys.platform.startswith("linux"):
         return False
@@ -91,7 +93,8 @@ def retain_freed_memory() -> bool:
     except (OSError, AttributeError):  # musl or another libc
         return False
     mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
-    return all(mallopt(param, value) == 1 for param, value in GLIBC_MALLOC_SETTINGS)
+    accepted = [mallopt(param, value) == 1 for param, value in GLIBC_MALLOC_SETTINGS]  # every one tried
+    return all(accepted)
 
 
 def cpu_bf16_supported() -> bool:
