@@ -24,6 +24,7 @@ from utils.torch_utils import (
     cpu_bf16_supported,
     half_dtype,
     retain_freed_memory,
+    select_device,
 )
 
 
@@ -88,7 +89,6 @@ def formats_table(weights: str, data: str, imgsz: int, formats: tuple[str, ...],
     import val
     from utils.export.common import path_size
     from utils.export.runner import ExportOptions, run_export
-    from utils.torch_utils import select_device
 
     if "pytorch-half" in formats and half_dtype(select_device(device)) is None:
         LOGGER.info(f"pytorch-half: left out, no faster reduced precision on device {device!r}")
@@ -142,39 +142,37 @@ class SpeedRow:
         return self.gflops / (self.ms / 1e3) / self.peak_gflops
 
 
+def _runner(model: Callable[[torch.Tensor], Any], device_type: str, channels_last: bool,
+            amp_dtype: torch.dtype | None = None) -> Callable[[torch.Tensor], Any]:  # fmt: skip
+    """model(x) with x in the given memory format, under autocast to ``amp_dtype`` when one is given."""
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+
+    def run(x: torch.Tensor) -> Any:
+        with torch.autocast(device_type, dtype=amp_dtype, enabled=amp_dtype is not None):
+            return model(x.contiguous(memory_format=fmt))
+
+    return run
+
+
 def _eager_variants(model: nn.Module, compile: bool) -> dict[str, Callable[[torch.Tensor], Any]]:
     """The .pt paths: eager fp32 unfused / fused / channels_last, bf16 autocast (--half) and, with
     ``compile``, torch.compile with frozen weights (--compile), fp32 and under bf16 autocast."""
     unfused = copy.deepcopy(model).eval()
     fused = copy.deepcopy(model).eval().fuse()
     fused_cl = copy.deepcopy(fused).to(memory_format=torch.channels_last)
-
-    def cl(x: torch.Tensor) -> Any:
-        return fused_cl(x.contiguous(memory_format=torch.channels_last))
-
-    def bf16(x: torch.Tensor) -> Any:
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            return fused_cl(x.contiguous(memory_format=torch.channels_last))
-
-    bf16_name = "bf16 autocast (--half)" if cpu_bf16_supported() else "bf16 autocast (emulated)"
-    variants = {"eager fp32 unfused": unfused, "eager fp32 fused": fused, "fused + channels_last": cl,
-                bf16_name: bf16}  # fmt: skip
+    native_bf16 = cpu_bf16_supported()
+    bf16_name = "bf16 autocast (--half)" if native_bf16 else "bf16 autocast (emulated)"
+    variants = {"eager fp32 unfused": unfused, "eager fp32 fused": fused,
+                "fused + channels_last": _runner(fused_cl, "cpu", True),
+                bf16_name: _runner(fused_cl, "cpu", True, torch.bfloat16)}  # fmt: skip
     if compile:
         torch._dynamo.reset()  # a fresh compile per input size, not a dynamic-shape recompile
-        compiled = compile_for_inference(fused_cl)
-
-        def compiled_fp32(x: torch.Tensor) -> Any:
-            return compiled(x.contiguous(memory_format=torch.channels_last))
-
-        variants["torch.compile frozen (--compile)"] = compiled_fp32
-        if cpu_bf16_supported():
+        variants["torch.compile frozen (--compile)"] = _runner(compile_for_inference(fused_cl), "cpu", True)
+        if native_bf16:
             compiled_bf16 = compile_for_inference(copy.deepcopy(fused_cl))
-
-            def compiled_half(x: torch.Tensor) -> Any:
-                with torch.autocast("cpu", dtype=torch.bfloat16):
-                    return compiled_bf16(x.contiguous(memory_format=torch.channels_last))
-
-            variants["compile + bf16 (--compile --half)"] = compiled_half
+            variants["compile + bf16 (--compile --half)"] = _runner(
+                compiled_bf16, "cpu", True, torch.bfloat16
+            )
     return variants
 
 
@@ -266,23 +264,16 @@ def _throughput_variants(model: nn.Module, device: torch.device, compile: bool) 
     the fastest-looking combination. The model is fused and in eval mode."""
     amp_dtype = half_dtype(device)
     cl_model = copy.deepcopy(model).to(memory_format=torch.channels_last)
-
-    def run(m: nn.Module, channels_last: bool, amp: bool) -> Callable:
-        fmt = torch.channels_last if channels_last else torch.contiguous_format
-
-        def fn(x: torch.Tensor) -> Any:
-            with torch.autocast(device.type, dtype=amp_dtype, enabled=amp):
-                return m(x.contiguous(memory_format=fmt))
-
-        return fn
-
-    variants = {"fp32": run(model, False, False), "fp32 + channels_last": run(cl_model, True, False)}
+    variants = {
+        "fp32": _runner(model, device.type, False),
+        "fp32 + channels_last": _runner(cl_model, device.type, True),
+    }
     if amp_dtype is not None:
-        variants["AMP"] = run(model, False, True)
-        variants["AMP + channels_last"] = run(cl_model, True, True)
+        variants["AMP"] = _runner(model, device.type, False, amp_dtype)
+        variants["AMP + channels_last"] = _runner(cl_model, device.type, True, amp_dtype)
     if compile:
-        variants[f"{list(variants)[-1]} + torch.compile"] = run(
-            compile_for_inference(cl_model), True, amp_dtype is not None
+        variants[f"{list(variants)[-1]} + torch.compile"] = _runner(
+            compile_for_inference(cl_model), device.type, True, amp_dtype
         )
     return variants
 
@@ -295,7 +286,6 @@ def throughput_table(cfg: str, imgsz: int, device: str = "cpu", batches: tuple[i
     synchronised around every timed call. AMP rows appear where ``--half`` has a faster precision.
     """
     from models.yolo import DetectionModel
-    from utils.torch_utils import select_device
 
     dev = select_device(device)
     model = trained_like(DetectionModel(cfg, verbose=False).eval()).fuse().to(dev)
