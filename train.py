@@ -36,6 +36,9 @@ def parse_opt(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--data", type=str, default="data/shapes.yaml", help="dataset YAML")
     p.add_argument("--hyp", type=str, default="data/hyps/hyp.scratch-low.yaml", help="hyperparameters YAML")
     p.add_argument("--epochs", type=int, default=100)
+    p.add_argument(
+        "--time", type=float, default=None, help="time budget in hours; sets the epochs (overrides --epochs)"
+    )
     p.add_argument("--batch-size", "--batch", type=int, default=16, help="total batch size over all devices")
     p.add_argument(
         "--imgsz", "--img", "--img-size", type=int, default=640, help="train/val image size (pixels)"
@@ -90,6 +93,9 @@ def resolve_resume(opt: argparse.Namespace) -> argparse.Namespace:
     new.weights, new.resume, new.cfg = str(last), True, ""
     new.device, new.workers = opt.device, opt.workers  # the machine may have changed
     new.exist_ok, new.save_dir = True, str(last.parent.parent)
+    if new.time:  # the epochs planned before the stop stand; the clock is not restarted
+        LOGGER.info(f"--time {new.time:g} h: resuming the plan of {new.epochs} epochs made before the stop")
+        new.time = None
     return new
 
 

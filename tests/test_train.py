@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from utils.checkpoints import load_checkpoint
-from utils.optim import warmup_iterations
+from utils.optim import epochs_within_budget, warmup_iterations
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow
@@ -28,6 +28,16 @@ pytestmark = pytest.mark.slow
 )  # fmt: skip
 def test_warmup_lasts_epochs_but_at_least_the_minimum(hyp, batches, expected):
     assert warmup_iterations(hyp, batches) == expected
+
+
+@pytest.mark.parametrize(
+    "epoch, elapsed, train_s, val_s, expected",
+    [(0, 70, 60, 0, 9),  # 10 min budget, first epoch 60 s + 10 s start-up: 530 s hold 8 more
+     (3, 280, 60, 10, 8),  # 600 - 280 - 10 (this epoch's val) = 310 s left: 4 epochs of 70 s
+     (5, 590, 60, 10, 6)],  # over budget: the current epoch is the last
+)  # fmt: skip
+def test_time_budget_plans_whole_epochs_that_fit(epoch, elapsed, train_s, val_s, expected):
+    assert epochs_within_budget(epoch, 600, elapsed, train_s, val_s) == expected
 
 
 @pytest.fixture(scope="module")
@@ -72,6 +82,17 @@ def test_short_training_run_writes_weights_and_results(tiny_data, tmp_path):
     ckpt = torch.load(run / "weights/last.pt", map_location="cpu", weights_only=True)
     assert ckpt["epoch"] == 1 and ckpt["names"][0] == "circle" and ckpt["model_yaml"]["nc"] == 6
     assert ckpt["optimizer"] is None and ckpt["ema"] is None  # finished runs keep the EMA weights only
+
+
+def test_time_budget_overrides_epochs(tiny_data, tmp_path):
+    out = subprocess.run(_train_cmd(tiny_data, tmp_path, "--epochs", "5", "--time", "1e-6", "--noplots"), cwd=ROOT,
+                         capture_output=True, text=True, timeout=600)  # fmt: skip
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "training for 1 epoch in all" in out.stdout + out.stderr
+    run = tmp_path / "exp"
+    assert [r["epoch"] for r in _rows(run / "results.csv")] == ["0"]
+    ckpt = load_checkpoint(run / "weights/last.pt")
+    assert ckpt["epoch"] == 0 and ckpt["train_args"]["epochs"] == 1 and ckpt["optimizer"] is None
 
 
 def test_resume_after_kill_continues_from_saved_epoch(tiny_data, tmp_path):

@@ -58,6 +58,18 @@ def lr_lambda(epochs: int, lrf: float, cos: bool = False) -> Callable[[int], flo
     return lambda e: (1 - e / epochs) * (1.0 - lrf) + lrf
 
 
+def epochs_within_budget(epoch: int, budget_s: float, elapsed_s: float, train_s: float, val_s: float) -> int:
+    """Total epochs for a time budget, decided after training epoch `epoch` (before its validation).
+
+    `elapsed_s` is the time spent so far, `train_s` and `val_s` the mean time of one epoch's training and
+    validation. The current epoch always finishes; after it, as many whole epochs as the rest of the
+    budget holds.
+    """
+    left = budget_s - elapsed_s - val_s
+    per_epoch = max(train_s + val_s, 1e-9)
+    return epoch + 1 + max(0, math.floor(left / per_epoch))
+
+
 MIN_WARMUP_ITERATIONS = 100  # default; a hyp file may set `warmup_min_iters` (short CPU runs)
 
 

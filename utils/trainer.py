@@ -29,7 +29,7 @@ from utils.distributed import GlobalMeanLoss, local_main_first
 from utils.general import LOGGER, check_img_size, colorstr, yaml_save
 from utils.loss import ComputeLoss
 from utils.metrics import fitness
-from utils.optim import apply_warmup, build_optimizer, lr_lambda, warmup_iterations
+from utils.optim import apply_warmup, build_optimizer, epochs_within_budget, lr_lambda, warmup_iterations
 from utils.torch_utils import ModelEMA, conv_memory_format, de_parallel, init_seeds, retain_freed_memory
 from utils.train_setup import build_model, class_weights, freeze_layers, image_weights
 
@@ -167,20 +167,30 @@ class Trainer:
         t0 = time.time()
         LOGGER.info(f"Image sizes {self.imgsz} train, {self.imgsz} val\nUsing {self.train_loader.num_workers} "
                     f"dataloader workers\nLogging results to {colorstr('bold', self.save_dir)}\n"
-                    f"Starting training for {opt.epochs} epochs...")  # fmt: skip
+                    f"Starting training for {f'{opt.time:g} hours' if opt.time else f'{opt.epochs} epochs'}...")  # fmt: skip
         epoch = self.start_epoch
-        for epoch in range(self.start_epoch, opt.epochs):
+        train_s, val_s = [], []  # seconds per epoch, for a --time budget
+        while epoch < opt.epochs:
             self.epoch = epoch
+            t_epoch = time.time()
             train_losses = self._train_epoch(epoch)
+            train_s.append(time.time() - t_epoch)
+            if opt.time:
+                self._fit_to_budget(
+                    epoch, time.time() - t0, np.mean(train_s), np.mean(val_s) if val_s else 0.0
+                )
             lrs = [g["lr"] for g in self.optimizer.param_groups]
             self.scheduler.step()
+            t_val = time.time()
             if self.main:
                 results = self._end_epoch(epoch, train_losses, lrs)
+            val_s.append(time.time() - t_val)
+            epoch += 1
             if self._should_stop():
                 break
         if self.main:
             LOGGER.info(
-                f"\n{epoch - self.start_epoch + 1} epochs completed in {(time.time() - t0) / 3600:.3f} hours."
+                f"\n{epoch - self.start_epoch} epochs completed in {(time.time() - t0) / 3600:.3f} hours."
             )
             results = self._final_eval(results)
             for f in (self.last, self.best):
@@ -190,6 +200,27 @@ class Trainer:
                 self.logger.close()
             self.callbacks.run("on_train_end", self)
         return results
+
+    def _fit_to_budget(self, epoch: int, elapsed_s: float, train_s: float, val_s: float) -> None:
+        """--time: re-plan the number of epochs so that training ends within the budget.
+
+        The LR schedule is stretched or shrunk to the new length, so it still ends at lr0 * lrf. In DDP,
+        every rank follows rank 0's plan.
+        """
+        opt = self.opt
+        epochs = epochs_within_budget(epoch, opt.time * 3600, elapsed_s, train_s, val_s)
+        if rank_is_ddp(self.rank):
+            plan = torch.tensor([float(epochs)], device=self.device if self.cuda else "cpu")
+            dist.broadcast(plan, src=0)
+            epochs = int(plan.item())
+        if epochs == opt.epochs:
+            return
+        if self.main:
+            LOGGER.info(f"--time {opt.time:g} h: {elapsed_s / 60:.1f} min gone after epoch {epoch}; "
+                        f"training for {epochs} epoch{'s' * (epochs != 1)} in all")  # fmt: skip
+        opt.epochs = epochs
+        self.lf = lr_lambda(epochs, self.hyp["lrf"], opt.cos_lr)
+        self.scheduler.lr_lambdas = [self.lf] * len(self.optimizer.param_groups)
 
     def _train_epoch(self, epoch: int) -> np.ndarray:
         model, opt = self.model, self.opt
