@@ -18,6 +18,7 @@ from models.yolo import DetectionModel
 from utils.boxes import xywhn2xyxy
 from utils.checkpoints import build_checkpoint, save_checkpoint
 from utils.general import LOGGER
+from utils.predict import describe
 from utils.sources import LoadImages, LoadStreams, SourceError, classify_source, prepare_image
 
 NAMES = {0: "circle", 1: "square"}
@@ -306,3 +307,10 @@ def test_augmented_forward_drops_the_right_levels():
     assert pred.shape == (1, expected, 7)
     with pytest.raises(ValueError, match="eval"):
         augmented_forward(model.train(), x)
+
+
+def test_log_line_counts_classes_with_english_plurals():
+    det = torch.tensor([[0, 0, 1, 1, 0.9, 0], [0, 0, 1, 1, 0.8, 0], [0, 0, 1, 1, 0.7, 1], [0, 0, 1, 1, 0.6, 2],
+                        [0, 0, 1, 1, 0.5, 2]])  # fmt: skip
+    assert describe(det, {0: "cross", 1: "circle", 2: "box"}) == "2 crosses, 1 circle, 2 boxes, "
+    assert describe(torch.zeros((0, 6)), {0: "cross"}) == ""

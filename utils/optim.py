@@ -61,8 +61,8 @@ def lr_lambda(epochs: int, lrf: float, cos: bool = False) -> Callable[[int], flo
 def epochs_within_budget(epoch: int, budget_s: float, elapsed_s: float, train_s: float, val_s: float) -> int:
     """Total epochs for a time budget, decided after training epoch `epoch` (before its validation).
 
-    `elapsed_s` is the time spent so far, `train_s` and `val_s` the mean time of one epoch's training and
-    validation. The current epoch always finishes; after it, as many whole epochs as the rest of the
+    `elapsed_s` is the time spent so far, `train_s` the mean time of one epoch's training and `val_s` that
+    of one validation. The current epoch always finishes; after it, as many whole epochs as the rest of the
     budget holds.
     """
     left = budget_s - elapsed_s - val_s

@@ -94,8 +94,13 @@ def describe(det: torch.Tensor, names: Mapping[int, str]) -> str:
     parts = []
     for c, n in zip(classes.tolist(), counts.tolist()):
         name = names.get(c, str(c))
-        parts.append(f"{n} {name}{'s' * (n > 1)}, ")
+        parts.append(f"{n} {plural(name) if n > 1 else name}, ")
     return "".join(parts)
+
+
+def plural(noun: str) -> str:
+    """English plural of a class name: 'cross' -> 'crosses', 'box' -> 'boxes', 'circle' -> 'circles'."""
+    return noun + ("es" if noun.endswith(("s", "x", "z", "ch", "sh")) else "s")
 
 
 def label_text(cls: int, conf: float, names: Mapping[int, str], hide_labels: bool = False,

@@ -169,22 +169,20 @@ class Trainer:
                     f"dataloader workers\nLogging results to {colorstr('bold', self.save_dir)}\n"
                     f"Starting training for {f'{opt.time:g} hours' if opt.time else f'{opt.epochs} epochs'}...")  # fmt: skip
         epoch = self.start_epoch
-        train_s, val_s = [], []  # seconds per epoch, for a --time budget
+        train_s, val_s = [], 0.0  # seconds of each epoch's training and of the latest validation (--time)
         while epoch < opt.epochs:
             self.epoch = epoch
             t_epoch = time.time()
             train_losses = self._train_epoch(epoch)
             train_s.append(time.time() - t_epoch)
             if opt.time:
-                self._fit_to_budget(
-                    epoch, time.time() - t0, np.mean(train_s), np.mean(val_s) if val_s else 0.0
-                )
+                self._fit_to_budget(epoch, time.time() - t0, float(np.mean(train_s)), val_s)
             lrs = [g["lr"] for g in self.optimizer.param_groups]
             self.scheduler.step()
             t_val = time.time()
             if self.main:
                 results = self._end_epoch(epoch, train_losses, lrs)
-            val_s.append(time.time() - t_val)
+            val_s = time.time() - t_val  # the latest: an untrained model's first validations are slow
             epoch += 1
             if self._should_stop():
                 break
