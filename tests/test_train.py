@@ -13,6 +13,8 @@ from pathlib import Path
 import pytest
 import torch
 
+import train
+from tests.conftest import make_tiny_checkpoint
 from utils.checkpoints import load_checkpoint
 from utils.optim import epochs_within_budget, warmup_iterations
 
@@ -133,3 +135,10 @@ def test_label_class_out_of_range_stops_before_training(tiny_data, tmp_path):
     text = out.stdout + out.stderr
     assert "nc" in text and "Traceback" not in text
     assert not list(tmp_path.glob("exp*/weights/*.pt"))
+
+
+def test_resume_keeps_the_epochs_a_time_budget_planned(tmp_path):
+    last = make_tiny_checkpoint(tmp_path / "exp" / "weights" / "last.pt", epoch=2,
+                                train_args={"epochs": 7, "time": 0.1, "data": "d.yaml"})  # fmt: skip
+    opt = train.resolve_resume(train.parse_opt(["--resume", str(last)]))
+    assert opt.resume is True and opt.epochs == 7 and opt.time is None
