@@ -84,12 +84,7 @@ class AutoBackend(nn.Module):
     def _load_pt(self, fuse: bool, half: bool, compile: bool) -> None:
         ckpt = load_checkpoint(self.weights)  # a foreign pickle raises CheckpointError: never caught here
         self.model = model_from_checkpoint(ckpt, device=self.device, fuse=fuse)
-        dtype = half_dtype(self.device) if half else None
-        if half and dtype is None:
-            LOGGER.warning(
-                f"WARNING: --half: no faster reduced precision on {self.device} (fp16 needs CUDA, bf16 a CPU "
-                "with AVX512-BF16 or AMX); running fp32"
-            )
+        dtype = _half_dtype_or_warn(self.device) if half else None
         self.fp16, self.bf16 = dtype == torch.float16, dtype == torch.bfloat16
         if self.fp16:
             self.model.half()
@@ -226,6 +221,15 @@ def _load_dnn(path: Path, device: torch.device) -> tuple[Runner, dict[str, Any],
     return run, read_onnx_metadata(path), False
 
 
+def _half_dtype_or_warn(device: torch.device) -> torch.dtype | None:
+    """``half_dtype(device)``, with a warning where --half falls back to fp32."""
+    dtype = half_dtype(device)
+    if dtype is None:
+        LOGGER.warning(f"WARNING: --half: no faster reduced precision on {device} (fp16 needs CUDA, bf16 a CPU "
+                       "with AVX512-BF16 or AMX); running fp32")  # fmt: skip
+    return dtype
+
+
 def _load_openvino(
     path: Path, device: torch.device, half: bool = False
 ) -> tuple[Runner, dict[str, Any], bool]:
@@ -238,11 +242,7 @@ def _load_openvino(
     from utils.export.openvino_format import find_openvino_xml, read_openvino_metadata
 
     xml = find_openvino_xml(path)
-    bf16 = half and half_dtype(torch.device("cpu")) == torch.bfloat16
-    if half and not bf16:
-        LOGGER.warning(
-            "WARNING: --half: this CPU has no native bf16 (AVX512-BF16 or AMX); OpenVINO runs fp32"
-        )
+    bf16 = half and _half_dtype_or_warn(torch.device("cpu")) == torch.bfloat16
     core = ov.Core()
     config = {"INFERENCE_PRECISION_HINT": "bf16" if bf16 else "f32"}
     compiled = core.compile_model(core.read_model(str(xml)), "CPU", config)
