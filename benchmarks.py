@@ -5,6 +5,7 @@ Usage:
     python benchmarks.py --speed --cfg yolov5-resnet50-cbam.yaml --img 320 640     # inference paths
     python benchmarks.py --train-speed --cfg yolov5s.yaml yolov5-resnet50-cbam.yaml --data shapes.yaml --img 320
     python benchmarks.py --throughput --device 0 --img 640                          # GPU: batch 1/16/64
+    python benchmarks.py --train-speed --device 0 --batch-size 64 --workers 8 --img 320  # GPU training
 """
 
 from __future__ import annotations
@@ -50,6 +51,13 @@ def parse_opt(argv: list[str] | None = None) -> argparse.Namespace:
         help="leave the torch.compile rows out of --speed and --throughput",
     )
     p.add_argument("--batch-size", type=int, default=16, help="batch for --train-speed")
+    p.add_argument("--workers", type=int, default=2, help="dataloader workers for --train-speed")
+    p.add_argument(
+        "--memory-format",
+        default="auto",
+        choices=["auto", "channels_last", "contiguous"],
+        help="layout for --train-speed; auto = what train.py uses on the device",
+    )
     p.add_argument("--runs", type=int, default=10, help="timed runs per --speed variant")
     p.add_argument("--no-int8", action="store_true", help="skip the int8 ONNX Runtime row")
     return p.parse_args(argv)
@@ -79,9 +87,9 @@ def main(argv: list[str] | None = None) -> int:
         elif opt.train_speed:
             for cfg in opt.cfg:
                 for s in opt.imgsz:
-                    bm.print_train_speed(
-                        cfg, s, opt.batch_size, bm.train_speed(cfg, opt.data, s, opt.batch_size)
-                    )
+                    r = bm.train_speed(cfg, opt.data, s, opt.batch_size, workers=opt.workers,
+                                       device=opt.device, memory_format=opt.memory_format)  # fmt: skip
+                    bm.print_train_speed(cfg, s, opt.batch_size, r)
         else:
             if not opt.weights:
                 raise ValueError(

@@ -59,6 +59,18 @@ def gemm_peak(n: int = 2048, runs: int = 10, trials: int = 3) -> float:
     return max(matmul, conv1x1)
 
 
+def cuda_gemm_peak(device: torch.device, n: int = 8192, runs: int = 10) -> float:
+    """Measured fp16 matrix-multiply throughput of a CUDA device in FLOP/s (the rate AMP trains at)."""
+    a = torch.rand(n, n, device=device, dtype=torch.float16)
+    b = torch.rand(n, n, device=device, dtype=torch.float16)
+
+    def matmul() -> None:
+        a @ b
+        torch.cuda.synchronize(device)
+
+    return 2 * n**3 / median_seconds(matmul, runs=runs, warmup=3)
+
+
 def trained_like(model: nn.Module, seed: int = 0) -> nn.Module:
     """Give every BatchNorm random statistics and affine parameters, in place, as training would.
 
@@ -316,9 +328,13 @@ def print_throughput(rows: list[ThroughputRow], cfg: str, imgsz: int, device: st
 
 
 # ------------------------------------------------------------------------------------ training speed
-def train_speed(cfg: str, data: str, imgsz: int, batch_size: int = 16, batches: int = 5,
-                workers: int = 2) -> dict[str, float]:  # fmt: skip
-    """Images/s of the loader alone, the model step alone (forward, loss, backward, SGD) and both together."""
+def train_speed(cfg: str, data: str, imgsz: int, batch_size: int = 16, batches: int = 5, workers: int = 2,
+                device: str = "cpu", memory_format: str = "auto") -> dict[str, float]:  # fmt: skip
+    """Images/s of the loader alone, the model step alone (forward, loss, backward, SGD) and both together.
+
+    The step runs as the Trainer runs it: under fp16 AMP with a gradient scaler on CUDA, fp32 on a CPU.
+    ``memory_format`` is "auto" (the Trainer's choice for the device), "channels_last" or "contiguous".
+    """
     from models.yolo import DetectionModel
     from utils.dataloaders import create_dataloader
     from utils.dataset_config import check_dataset
@@ -327,12 +343,21 @@ def train_speed(cfg: str, data: str, imgsz: int, batch_size: int = 16, batches: 
 
     hyp = yaml_load(Path(__file__).resolve().parents[1] / "data/hyps/hyp.scratch-low.yaml")
     d = check_dataset(data)
+    dev = select_device(device)
+    cuda = dev.type == "cuda"
+    formats = {"auto": conv_memory_format(dev), "channels_last": torch.channels_last,
+               "contiguous": torch.contiguous_format}  # fmt: skip
+    if memory_format not in formats:
+        raise ValueError(f"memory_format {memory_format!r}: use one of {', '.join(formats)}")
+    fmt = formats[memory_format]
     model = DetectionModel(cfg, nc=d["nc"], verbose=False).train()
-    memory_format = conv_memory_format(torch.device("cpu"))  # as the Trainer does
-    retain_freed_memory()
-    model.to(memory_format=memory_format)
+    gflops = count_flops(copy.deepcopy(model).eval(), torch.zeros(1, 3, imgsz, imgsz)) / 1e9
+    if not cuda:
+        retain_freed_memory()
+    model.to(dev, memory_format=fmt)
     loss_fn = ComputeLoss(model, hyp, imgsz=imgsz)
     opt = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
+    scaler = torch.amp.GradScaler("cuda", enabled=cuda)
     loader, _ = create_dataloader(d["train"], imgsz, batch_size, 32, hyp=hyp, augment=True, shuffle=True,
                                   workers=workers, nc=d["nc"])  # fmt: skip
     it = iter(loader)
@@ -346,28 +371,33 @@ def train_speed(cfg: str, data: str, imgsz: int, batch_size: int = 16, batches: 
     loader_ips = loader_batches * batch_size / (time.perf_counter() - t0)
 
     def step(imgs: torch.Tensor, targets: torch.Tensor) -> None:
-        loss, _ = loss_fn(model((imgs.float() / 255).contiguous(memory_format=memory_format)), targets)
-        loss.backward()
-        opt.step()
-        opt.zero_grad()
+        imgs = imgs.to(dev, non_blocking=True).float().div_(255).contiguous(memory_format=fmt)
+        with torch.autocast(dev.type, enabled=cuda):
+            loss, _ = loss_fn(model(imgs), targets.to(dev))
+        scaler.scale(loss).backward()
+        scaler.step(opt)
+        scaler.update()
+        opt.zero_grad(set_to_none=True)
+        if cuda:
+            torch.cuda.synchronize(dev)
 
     imgs, targets = batches_seen[0][0], batches_seen[0][1]
-    model_s = median_seconds(lambda: step(imgs, targets), runs=batches, warmup=1)
+    model_s = median_seconds(lambda: step(imgs, targets), runs=batches, warmup=3 if cuda else 1)
     t0 = time.perf_counter()
     for _ in range(batches):
         b = next(it)
         step(b[0], b[1])
     total_ips = batches * batch_size / (time.perf_counter() - t0)
-    gflops = count_flops(copy.deepcopy(model).eval(), torch.zeros(1, 3, imgsz, imgsz)) / 1e9
-    peak = gemm_peak() / 1e9
+    peak = (cuda_gemm_peak(dev) if cuda else gemm_peak()) / 1e9
     limit_ips = peak / (3 * gflops)
     return {"loader_ips": loader_ips, "model_ips": batch_size / model_s, "total_ips": total_ips,
-            "s_per_batch": batch_size / total_ips, "gflops": gflops, "peak": peak, "limit_ips": limit_ips}  # fmt: skip
+            "s_per_batch": batch_size / total_ips, "gflops": gflops, "peak": peak, "limit_ips": limit_ips,
+            "peak_kind": "fp16 CUDA" if cuda else "fp32 CPU", "memory_format": str(fmt).split(".")[-1]}  # fmt: skip
 
 
 def print_train_speed(cfg: str, imgsz: int, batch_size: int, r: dict[str, float]) -> None:
-    LOGGER.info(f"\nTraining {cfg} at {imgsz}, batch {batch_size}: loader alone {r['loader_ips']:.1f} img/s, "
+    LOGGER.info(f"\nTraining {cfg} at {imgsz}, batch {batch_size}, {r['memory_format']}: loader alone {r['loader_ips']:.1f} img/s, "
                 f"model step alone {r['model_ips']:.1f} img/s, together {r['total_ips']:.1f} img/s "
-                f"({r['s_per_batch']:.2f} s/batch). Limit at GEMM peak {r['peak']:.0f} GFLOP/s with "
+                f"({r['s_per_batch']:.2f} s/batch). Limit at {r['peak_kind']} GEMM peak {r['peak']:.0f} GFLOP/s with "
                 f"3 x {r['gflops']:.2f} GFLOPs/img: {r['limit_ips']:.1f} img/s -> "
                 f"{r['total_ips'] / r['limit_ips']:.0%} of the limit")  # fmt: skip
