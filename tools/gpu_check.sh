@@ -46,6 +46,7 @@ step val-half 90 $py val.py --weights "$w" --data shapes.yaml --img 128 --device
 step detect-half 90 $py detect.py --weights "$w" --source ../datasets/shapes/demo --img 128 --conf-thres 0.1 \
     --device "$device" --half --name gpu_check --exist-ok
 cp "$(ls runs/detect/gpu_check/*.jpg 2>/dev/null | head -1)" "$out/detect_sample.jpg" 2>/dev/null
+cp runs/detect/gpu_check/shapes.mp4 "$out/" 2>/dev/null
 step export 120 $py export.py --weights "$w" --include torchscript onnx --img 128 --device "$device"
 step val-torchscript 90 $py val.py --weights "${w%.pt}.torchscript" --data shapes.yaml --img 128 --device "$device"
 # shellcheck disable=SC2086  # $batches and $compile are word lists
