@@ -297,3 +297,39 @@ def test_missing_files_give_one_line_errors(dataset_yaml, checkpoint, tmp_path, 
     assert "nope.yaml" in errors[1] and "not found" in errors[1]
     with pytest.raises(ValueError, match="has no 'test' split"):
         val.run(data=dataset_yaml, weights=checkpoint, task="test", workers=0, device="cpu", project=tmp_path)
+
+
+class OverflowingModel(ReplayModel):
+    """A ReplayModel whose first answer for each batch is all inf, as an fp16 overflow gives."""
+
+    def __init__(self, batches, fp16: bool):
+        super().__init__(batches, _exact)
+        self.fp16, self.overflowed = fp16, set()
+
+    def __call__(self, im: torch.Tensor) -> torch.Tensor:
+        if self.fp16 or self.calls not in self.overflowed:
+            self.overflowed.add(self.calls)
+            return torch.full((im.shape[0], 1, 5 + self.nc), float("inf"))
+        return super().__call__(im)
+
+
+@pytest.mark.filterwarnings("ignore:CUDA is not available:UserWarning")  # autocast("cuda") on a CPU
+@pytest.mark.parametrize("fp16_weights", [False, True])
+def test_fp16_overflow_is_rerun_in_fp32_or_reported(dataset_yaml, monkeypatch, project_log, fp16_weights):
+    """--half outputs with inf or nan: batches of an fp32 model under autocast (validation during
+    training) are evaluated again in fp32; with fp16 weights (val.py --half) the run says they are wrong."""
+    from utils import evaluator
+
+    options = evaluator._Options
+    monkeypatch.setattr(evaluator, "_Options", lambda **kw: options(**{**kw, "half": True}))  # CUDA-only path
+    loader, _ = _loader(dataset_yaml)
+    batches = list(loader)
+    model = OverflowingModel(batches, fp16=fp16_weights)
+    result = evaluate(model, batches, NAMES, plots=False)
+    warning = [line for line in project_log if "fp16 overflowed" in line]
+    assert len(warning) == 1 and f"in {len(batches)} of {len(batches)} batches" in warning[0]
+    if fp16_weights:
+        assert "evaluate without --half" in warning[0] and result.map50 == 0.0
+    else:
+        assert "evaluated again in fp32" in warning[0]
+        assert (result.map50, result.map) == pytest.approx((1.0, 1.0), abs=1e-6)

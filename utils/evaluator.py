@@ -106,6 +106,10 @@ def _forward(model: Callable, im: torch.Tensor, augment: bool) -> tuple[torch.Te
     return out, None
 
 
+def _all_finite(pred: torch.Tensor, raw: Sequence[torch.Tensor] | None) -> bool:
+    return bool(torch.isfinite(pred).all()) and all(bool(torch.isfinite(x).all()) for x in raw or ())
+
+
 def _to_original(boxes: torch.Tensor, im_hw: Sequence[int], shape_info: Any) -> torch.Tensor:
     """(n, 4) xyxy boxes on the letterboxed input (h, w) -> original image pixels, clipped.
 
@@ -153,6 +157,7 @@ class _Evaluation:
         self.jdict: list[dict[str, Any]] = []
         self.dt = [0.0, 0.0, 0.0]  # seconds in pre-processing, inference, NMS
         self.seen = self.batches = 0
+        self.fp16_overflows = self.fp32_reruns = 0  # batches whose fp16 outputs held inf or nan
 
     def step(self, model: Callable, batch_i: int, batch: Sequence[Any]) -> None:
         """Run and score one batch ``(imgs uint8 (B,3,H,W), targets (n,6), paths, shapes)``."""
@@ -183,6 +188,12 @@ class _Evaluation:
         autocast = torch.autocast("cuda", dtype=torch.float16) if o.half else contextlib.nullcontext()
         with autocast:
             pred, raw = _forward(model, im, o.augment)
+        if o.half and not _all_finite(pred, raw):
+            # fp16 holds values up to 65504; a half-trained model's activations can pass that.
+            self.fp16_overflows += 1
+            if not getattr(model, "fp16", False):  # fp32 weights under autocast: this batch again in fp32
+                pred, raw = _forward(model, im, o.augment)
+                self.fp32_reruns += 1
         t2 = time_sync()
         if o.compute_loss is not None and raw is not None:
             self.loss += o.compute_loss([x.float() for x in raw], targets)[1].to(self.loss.device)
@@ -264,6 +275,16 @@ def _plot_curves(metrics: DetMetrics, names: Mapping[int, str], save_dir: Path) 
         plot_mc_curve(res.px, curve, save_dir / fname, labels, ylabel=ylabel)
 
 
+def _overflow_message(evaluation: _Evaluation) -> str:
+    e = evaluation
+    said = (
+        f"WARNING: fp16 overflowed (inf or nan in the outputs) in {e.fp16_overflows} of {e.batches} batches; "
+    )
+    if e.fp32_reruns == e.fp16_overflows:
+        return said + "those batches were evaluated again in fp32"
+    return said + "their detections are wrong: evaluate without --half"
+
+
 def _finish(evaluation: _Evaluation, training: bool) -> EvalResult:
     """Score the accumulated statistics, log the table, write plots and JSON; build the EvalResult."""
     o, names = evaluation.o, evaluation.names
@@ -284,6 +305,8 @@ def _finish(evaluation: _Evaluation, training: bool) -> EvalResult:
     LOGGER.info(result.table(per_class))
     if not len(target_cls):
         LOGGER.warning("WARNING: no labels found in this split, so metrics cannot be computed")
+    if evaluation.fp16_overflows:
+        LOGGER.warning(_overflow_message(evaluation))
     if o.plots and o.save_dir is not None:
         _plot_curves(metrics, names, o.save_dir)
         plot_confusion_matrix(evaluation.confusion.matrix, names, o.save_dir / "confusion_matrix.png")
