@@ -52,6 +52,7 @@ def parse_opt(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--batch-size", type=int, default=16, help="batch for --train-speed")
     p.add_argument("--workers", type=int, default=2, help="dataloader workers for --train-speed")
+    p.add_argument("--no-amp", action="store_true", help="--train-speed in fp32 (as train.py --no-amp)")
     p.add_argument(
         "--memory-format",
         default="auto",
@@ -88,7 +89,7 @@ def main(argv: list[str] | None = None) -> int:
             for cfg in opt.cfg:
                 for s in opt.imgsz:
                     r = bm.train_speed(cfg, opt.data, s, opt.batch_size, workers=opt.workers,
-                                       device=opt.device, memory_format=opt.memory_format)  # fmt: skip
+                                       device=opt.device, memory_format=opt.memory_format, amp=not opt.no_amp)  # fmt: skip
                     bm.print_train_speed(cfg, s, opt.batch_size, r)
         else:
             if not opt.weights:

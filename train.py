@@ -76,6 +76,11 @@ def parse_opt(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--save-period", type=int, default=-1, help="save a checkpoint every N epochs")
     p.add_argument("--seed", type=int, default=0, help="global training seed")
+    p.add_argument(
+        "--no-amp",
+        action="store_true",
+        help="train in fp32; by default AMP runs fp16 on CUDA and bf16 on a CPU with native bf16",
+    )
     p.add_argument("--local_rank", "--local-rank", type=int, default=-1, help="set by torch.distributed.run")
     return p.parse_args(argv)
 

@@ -72,9 +72,10 @@ def tiny(tmp_path: Path) -> tuple[Path, Path]:
 
 
 def train_args(data: Path, hyp: Path, project: Path, batch: int = 8) -> list[str]:
+    """fp32 (--no-amp): the ranks' weights are compared to 1e-7, beyond what bf16 autocast keeps."""
     return ["--data", str(data), "--hyp", str(hyp), "--cfg", "yolov5n.yaml", "--weights", "", "--imgsz", "64",
             "--batch-size", str(batch), "--epochs", "1", "--device", "cpu", "--workers", "0", "--noautoanchor",
-            "--project", str(project), "--seed", "0"]  # fmt: skip
+            "--project", str(project), "--seed", "0", "--no-amp"]  # fmt: skip
 
 
 def torchrun(args: list[str], nproc: int | None = 2) -> list[str]:

@@ -17,6 +17,7 @@ import train
 from tests.conftest import make_tiny_checkpoint
 from utils.checkpoints import load_checkpoint
 from utils.optim import epochs_within_budget, warmup_iterations
+from utils.torch_utils import cpu_bf16_supported
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow
@@ -72,6 +73,8 @@ def test_short_training_run_writes_weights_and_results(tiny_data, tmp_path):
     out = subprocess.run(_train_cmd(tiny_data, tmp_path, "--epochs", "2"), cwd=ROOT, capture_output=True,
                          text=True, timeout=600)  # fmt: skip
     assert out.returncode == 0, out.stderr[-3000:]
+    amp = "AMP: bfloat16 autocast" if cpu_bf16_supported() else "AMP: off, fp32: no faster precision on cpu"
+    assert amp in out.stdout + out.stderr  # mixed precision by default where the CPU has native bf16
     run = tmp_path / "exp"
     for name in ("weights/last.pt", "weights/best.pt", "results.csv", "results.png", "hyp.yaml", "opt.yaml",
                  "labels.jpg", "train_batch0.jpg", "confusion_matrix.png", "PR_curve.png"):  # fmt: skip
@@ -87,10 +90,11 @@ def test_short_training_run_writes_weights_and_results(tiny_data, tmp_path):
 
 
 def test_time_budget_overrides_epochs(tiny_data, tmp_path):
-    out = subprocess.run(_train_cmd(tiny_data, tmp_path, "--epochs", "5", "--time", "1e-6", "--noplots"), cwd=ROOT,
-                         capture_output=True, text=True, timeout=600)  # fmt: skip
+    out = subprocess.run(_train_cmd(tiny_data, tmp_path, "--epochs", "5", "--time", "1e-6", "--noplots", "--no-amp"),
+                         cwd=ROOT, capture_output=True, text=True, timeout=600)  # fmt: skip
     assert out.returncode == 0, out.stderr[-3000:]
     assert "training for 1 epoch in all" in out.stdout + out.stderr
+    assert "AMP: off (--no-amp), fp32" in out.stdout + out.stderr
     run = tmp_path / "exp"
     assert [r["epoch"] for r in _rows(run / "results.csv")] == ["0"]
     ckpt = load_checkpoint(run / "weights/last.pt")

@@ -329,11 +329,13 @@ def print_throughput(rows: list[ThroughputRow], cfg: str, imgsz: int, device: st
 
 # ------------------------------------------------------------------------------------ training speed
 def train_speed(cfg: str, data: str, imgsz: int, batch_size: int = 16, batches: int = 5, workers: int = 2,
-                device: str = "cpu", memory_format: str = "auto") -> dict[str, float]:  # fmt: skip
+                device: str = "cpu", memory_format: str = "auto", amp: bool = True) -> dict[str, float]:  # fmt: skip
     """Images/s of the loader alone, the model step alone (forward, loss, backward, SGD) and both together.
 
-    The step runs as the Trainer runs it: under fp16 AMP with a gradient scaler on CUDA, fp32 on a CPU.
-    ``memory_format`` is "auto" (the Trainer's choice for the device), "channels_last" or "contiguous".
+    The step runs as the Trainer runs it: with ``amp``, under fp16 autocast and a gradient scaler on CUDA
+    and bf16 autocast on a CPU with native bf16; else fp32. ``memory_format`` is "auto" (the Trainer's
+    choice for the device), "channels_last" or "contiguous". The limit is always 3 x the model's FLOPs
+    at the device's GEMM peak: fp32 on a CPU, fp16 on CUDA.
     """
     from models.yolo import DetectionModel
     from utils.dataloaders import create_dataloader
@@ -357,7 +359,8 @@ def train_speed(cfg: str, data: str, imgsz: int, batch_size: int = 16, batches: 
     model.to(dev, memory_format=fmt)
     loss_fn = ComputeLoss(model, hyp, imgsz=imgsz)
     opt = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
-    scaler = torch.amp.GradScaler("cuda", enabled=cuda)
+    amp_dtype = half_dtype(dev) if amp else None
+    scaler = torch.amp.GradScaler("cuda", enabled=amp_dtype == torch.float16)
     loader, _ = create_dataloader(d["train"], imgsz, batch_size, 32, hyp=hyp, augment=True, shuffle=True,
                                   workers=workers, nc=d["nc"])  # fmt: skip
     it = iter(loader)
@@ -372,7 +375,7 @@ def train_speed(cfg: str, data: str, imgsz: int, batch_size: int = 16, batches: 
 
     def step(imgs: torch.Tensor, targets: torch.Tensor) -> None:
         imgs = imgs.to(dev, non_blocking=True).float().div_(255).contiguous(memory_format=fmt)
-        with torch.autocast(dev.type, enabled=cuda):
+        with torch.autocast(dev.type, dtype=amp_dtype, enabled=amp_dtype is not None):
             loss, _ = loss_fn(model(imgs), targets.to(dev))
         scaler.scale(loss).backward()
         scaler.step(opt)
@@ -392,11 +395,12 @@ def train_speed(cfg: str, data: str, imgsz: int, batch_size: int = 16, batches: 
     limit_ips = peak / (3 * gflops)
     return {"loader_ips": loader_ips, "model_ips": batch_size / model_s, "total_ips": total_ips,
             "s_per_batch": batch_size / total_ips, "gflops": gflops, "peak": peak, "limit_ips": limit_ips,
-            "peak_kind": "fp16 CUDA" if cuda else "fp32 CPU", "memory_format": str(fmt).split(".")[-1]}  # fmt: skip
+            "peak_kind": "fp16 CUDA" if cuda else "fp32 CPU", "memory_format": str(fmt).split(".")[-1],
+            "precision": str(amp_dtype or torch.float32).replace("torch.", "")}  # fmt: skip
 
 
 def print_train_speed(cfg: str, imgsz: int, batch_size: int, r: dict[str, float]) -> None:
-    LOGGER.info(f"\nTraining {cfg} at {imgsz}, batch {batch_size}, {r['memory_format']}: loader alone {r['loader_ips']:.1f} img/s, "
+    LOGGER.info(f"\nTraining {cfg} at {imgsz}, batch {batch_size}, {r['precision']}, {r['memory_format']}: loader alone {r['loader_ips']:.1f} img/s, "
                 f"model step alone {r['model_ips']:.1f} img/s, together {r['total_ips']:.1f} img/s "
                 f"({r['s_per_batch']:.2f} s/batch). Limit at {r['peak_kind']} GEMM peak {r['peak']:.0f} GFLOP/s with "
                 f"3 x {r['gflops']:.2f} GFLOPs/img: {r['limit_ips']:.1f} img/s -> "

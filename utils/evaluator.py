@@ -30,7 +30,7 @@ from utils.plots import (
     plot_mc_curve,
     plot_pr_curve,
 )
-from utils.torch_utils import time_sync
+from utils.torch_utils import half_dtype, time_sync
 
 IOU_VECTOR = torch.linspace(0.5, 0.95, 10)  # mAP@0.5:0.95 thresholds
 HEADER = ("%22s" + "%11s" * 6) % ("Class", "Images", "Instances", "P", "R", "mAP50", "mAP50-95")
@@ -157,7 +157,7 @@ class _Evaluation:
         self.jdict: list[dict[str, Any]] = []
         self.dt = [0.0, 0.0, 0.0]  # seconds in pre-processing, inference, NMS
         self.seen = self.batches = 0
-        self.fp16_overflows = self.fp32_reruns = 0  # batches whose fp16 outputs held inf or nan
+        self.half_overflows = self.fp32_reruns = 0  # batches whose --half outputs held inf or nan
 
     def step(self, model: Callable, batch_i: int, batch: Sequence[Any]) -> None:
         """Run and score one batch ``(imgs uint8 (B,3,H,W), targets (n,6), paths, shapes)``."""
@@ -185,12 +185,14 @@ class _Evaluation:
         targets = targets.to(o.device)
         height, width = im.shape[2:]
         t1 = time_sync()
-        autocast = torch.autocast("cuda", dtype=torch.float16) if o.half else contextlib.nullcontext()
+        autocast = (
+            torch.autocast(o.device.type, dtype=half_dtype(o.device)) if o.half else contextlib.nullcontext()
+        )
         with autocast:
             pred, raw = _forward(model, im, o.augment)
         if o.half and not _all_finite(pred, raw):
-            # fp16 holds values up to 65504; a half-trained model's activations can pass that.
-            self.fp16_overflows += 1
+            # fp16 holds values up to 65504; a half-trained model's activations can pass that (seen on CUDA).
+            self.half_overflows += 1
             if not getattr(model, "fp16", False):  # fp32 weights under autocast: this batch again in fp32
                 pred, raw = _forward(model, im, o.augment)
                 self.fp32_reruns += 1
@@ -275,12 +277,10 @@ def _plot_curves(metrics: DetMetrics, names: Mapping[int, str], save_dir: Path) 
         plot_mc_curve(res.px, curve, save_dir / fname, labels, ylabel=ylabel)
 
 
-def _overflow_message(evaluation: _Evaluation) -> str:
-    e = evaluation
-    said = (
-        f"WARNING: fp16 overflowed (inf or nan in the outputs) in {e.fp16_overflows} of {e.batches} batches; "
-    )
-    if e.fp32_reruns == e.fp16_overflows:
+def _overflow_message(e: _Evaluation) -> str:
+    dtype = str(half_dtype(e.o.device) or "reduced precision").replace("torch.", "")
+    said = f"WARNING: {dtype} overflowed (inf or nan in the outputs) in {e.half_overflows} of {e.batches} batches; "
+    if e.fp32_reruns == e.half_overflows:
         return said + "those batches were evaluated again in fp32"
     return said + "their detections are wrong: evaluate without --half"
 
@@ -305,7 +305,7 @@ def _finish(evaluation: _Evaluation, training: bool) -> EvalResult:
     LOGGER.info(result.table(per_class))
     if not len(target_cls):
         LOGGER.warning("WARNING: no labels found in this split, so metrics cannot be computed")
-    if evaluation.fp16_overflows:
+    if evaluation.half_overflows:
         LOGGER.warning(_overflow_message(evaluation))
     if o.plots and o.save_dir is not None:
         _plot_curves(metrics, names, o.save_dir)
@@ -362,7 +362,8 @@ def evaluate(
         names: class names by index (dict or list).
         compute_loss: ``ComputeLoss``; when given the run counts as part of training (per-class rows only
             with ``verbose``) and mean [box, obj, cls] losses are returned.
-        half: run inference under fp16 autocast (CUDA only; ignored on CPU).
+        half: run inference under autocast to ``half_dtype(device)``: fp16 on CUDA, bf16 on a CPU with
+            native bf16, ignored elsewhere.
         save_dir: folder for plots (``plots``), ``labels/*.txt`` (``save_txt``) and the default JSON.
         save_hybrid: add the labels to the predictions before NMS (autolabelling; inflates mAP).
         save_json: write COCO results to ``json_file`` (default ``save_dir/predictions.json``), image id =
@@ -384,7 +385,7 @@ def evaluate(
         single_cls=single_cls,
         augment=augment,
         compute_loss=compute_loss,
-        half=half and device.type == "cuda",
+        half=half and half_dtype(device) is not None,
         save_dir=save_dir,
         plots=plots,
         save_txt=save_txt and save_dir is not None,

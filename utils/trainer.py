@@ -22,7 +22,7 @@ from tqdm import tqdm
 
 from utils.autoanchor import check_anchors
 from utils.callbacks import Callbacks, ResultsLogger
-from utils.checkpoints import build_checkpoint, save_checkpoint
+from utils.checkpoints import build_checkpoint, for_inference, save_checkpoint
 from utils.dataloaders import create_dataloader
 from utils.dataset_config import check_dataset
 from utils.distributed import GlobalMeanLoss, local_main_first
@@ -30,7 +30,14 @@ from utils.general import LOGGER, check_img_size, colorstr, yaml_save
 from utils.loss import ComputeLoss
 from utils.metrics import fitness
 from utils.optim import apply_warmup, build_optimizer, epochs_within_budget, lr_lambda, warmup_iterations
-from utils.torch_utils import ModelEMA, conv_memory_format, de_parallel, init_seeds, retain_freed_memory
+from utils.torch_utils import (
+    ModelEMA,
+    conv_memory_format,
+    de_parallel,
+    half_dtype,
+    init_seeds,
+    retain_freed_memory,
+)
 from utils.train_setup import build_model, class_weights, freeze_layers, image_weights
 
 NOMINAL_BATCH = 64  # default; a hyp file may set `nbs`
@@ -38,6 +45,18 @@ NOMINAL_BATCH = 64  # default; a hyp file may set `nbs`
 
 class TrainingDiverged(RuntimeError):
     """Loss became NaN or infinite; the last good checkpoint is kept."""
+
+
+def _amp_description(dtype: torch.dtype | None, device: torch.device, no_amp: bool) -> str:
+    if no_amp:
+        return "off (--no-amp), fp32"
+    if dtype == torch.float16:
+        return "float16 autocast with gradient scaling (--no-amp: fp32)"
+    if dtype == torch.bfloat16:
+        return "bfloat16 autocast, native on this CPU (--no-amp: fp32)"
+    return f"off, fp32: no faster precision on {device}" + (
+        " (no native bf16)" if device.type == "cpu" else ""
+    )
 
 
 class Trainer:
@@ -52,6 +71,8 @@ class Trainer:
         self.last, self.best = self.wdir / "last.pt", self.wdir / "best.pt"
         self.plots = not opt.evolve and not opt.noplots
         self.cuda = device.type == "cuda"
+        # AMP: fp16 with a gradient scaler on CUDA; bf16 (no scaler needed) on a CPU with native bf16
+        self.amp_dtype = None if opt.no_amp else half_dtype(device)
         init_seeds(opt.seed + 1 + max(rank, 0), deterministic=True)
         if self.main:
             self.wdir.mkdir(parents=True, exist_ok=True)
@@ -136,7 +157,7 @@ class Trainer:
         self.scheduler.last_epoch = self.start_epoch - 1
         if rank_is_ddp(self.rank):
             self.model = DDP(self.model, device_ids=[self.device.index] if self.cuda else None)
-        self.scaler = torch.amp.GradScaler("cuda", enabled=self.cuda)
+        self.scaler = torch.amp.GradScaler("cuda", enabled=self.cuda and self.amp_dtype == torch.float16)
         self.stopper = EarlyStopping(opt.patience)
         self.logger = ResultsLogger(self.save_dir) if self.main and not opt.evolve else None
 
@@ -165,6 +186,7 @@ class Trainer:
         results: tuple[float, ...] = (0.0,) * 7
         self.callbacks.run("on_pretrain_routine_end", self)
         t0 = time.time()
+        LOGGER.info(f"AMP: {_amp_description(self.amp_dtype, self.device, opt.no_amp)}")
         LOGGER.info(f"Image sizes {self.imgsz} train, {self.imgsz} val\nUsing {self.train_loader.num_workers} "
                     f"dataloader workers\nLogging results to {colorstr('bold', self.save_dir)}\n"
                     f"Starting training for {f'{opt.time:g} hours' if opt.time else f'{opt.epochs} epochs'}...")  # fmt: skip
@@ -263,7 +285,7 @@ class Trainer:
 
     def _step(self, imgs: torch.Tensor, targets: torch.Tensor, ni: int) -> torch.Tensor:
         """Forward, backward and (every `accumulate` iterations) an optimizer + EMA update."""
-        with torch.autocast(self.device.type, enabled=self.cuda):
+        with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None):
             pred = self.model(imgs)
             loss, loss_items = self.train_loss(pred, targets)
         if not torch.isfinite(loss).all():
@@ -298,7 +320,7 @@ class Trainer:
         from utils.evaluator import evaluate
 
         return evaluate(model, self.val_loader, self.names, device=self.device, conf_thres=0.001, iou_thres=0.6,
-                        single_cls=self.opt.single_cls, compute_loss=self.compute_loss, half=self.cuda,
+                        single_cls=self.opt.single_cls, compute_loss=self.compute_loss, half=self.amp_dtype is not None,
                         save_dir=self.save_dir, plots=plots, verbose=verbose)  # fmt: skip
 
     def _end_epoch(self, epoch: int, train_losses: np.ndarray, lrs: list[float]) -> tuple[float, ...]:
@@ -326,8 +348,8 @@ class Trainer:
             best_fitness=self.best_fitness, train_args=vars(self.opt), hyp=self.hyp, updates=self.ema.updates,
         )  # fmt: skip
         save_checkpoint(ckpt, self.last)
-        if self.best_fitness == fi:
-            save_checkpoint(ckpt, self.best)
+        if self.best_fitness == fi:  # for inference only (--resume takes last.pt): no optimizer state
+            save_checkpoint(for_inference(ckpt), self.best)
         if self.opt.save_period > 0 and epoch % self.opt.save_period == 0:
             save_checkpoint(ckpt, self.wdir / f"epoch{epoch}.pt")
         self.callbacks.run("on_model_save", self, self.last, epoch, final)
@@ -385,7 +407,5 @@ def strip_optimizer(path: Path) -> None:
     from utils.checkpoints import load_checkpoint
 
     ckpt = load_checkpoint(path)
-    if ckpt.get("ema"):
-        ckpt["model"] = ckpt["ema"]
-    ckpt.update(ema=None, optimizer=None, updates=0)
-    save_checkpoint(ckpt, path)
+    if ckpt.get("ema") is not None or ckpt.get("optimizer") is not None:
+        save_checkpoint(for_inference(ckpt), path)
