@@ -146,3 +146,32 @@ def test_resume_keeps_the_epochs_a_time_budget_planned(tmp_path):
                                 train_args={"epochs": 7, "time": 0.1, "data": "d.yaml"})  # fmt: skip
     opt = train.resolve_resume(train.parse_opt(["--resume", str(last)]))
     assert opt.resume is True and opt.epochs == 7 and opt.time is None
+
+
+@pytest.mark.parametrize("name", ["SGD", "Adam", "AdamW"])
+def test_optimizer_is_fused_where_torch_can_and_steps_like_the_per_tensor_loop(monkeypatch, name):
+    """build_optimizer asks for torch's fused kernel when it has one; the update is the same."""
+    import copy
+
+    from models.yolo import DetectionModel
+    from utils import optim
+
+    torch.manual_seed(0)
+    model = DetectionModel("yolov5n.yaml", nc=2, verbose=False)
+    looped_model = copy.deepcopy(model)
+    fused = optim.build_optimizer(model, name, lr=0.01, momentum=0.9, decay=5e-4)
+    assert fused.defaults.get("fused", False) == optim.fused_supported(type(fused), torch.device("cpu"))
+    monkeypatch.setattr(optim, "fused_supported", lambda cls, device: False)
+    looped = optim.build_optimizer(looped_model, name, lr=0.01, momentum=0.9, decay=5e-4)
+    assert not looped.defaults.get("fused", False)
+    assert [len(g["params"]) for g in fused.param_groups] == [len(g["params"]) for g in looped.param_groups]
+    start = copy.deepcopy(model)
+    for _ in range(3):
+        for m, opt in ((model, fused), (looped_model, looped)):
+            torch.manual_seed(1)
+            for p in m.parameters():
+                p.grad = torch.randn_like(p) * 0.1
+            opt.step()
+    pairs = list(zip(model.parameters(), looped_model.parameters()))
+    assert max((a - b).abs().max().item() for a, b in pairs) < 1e-5
+    assert max((a - b).abs().max().item() for a, b in zip(model.parameters(), start.parameters())) > 1e-3

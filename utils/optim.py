@@ -42,7 +42,9 @@ def build_optimizer(model: nn.Module, name: str = "SGD", lr: float = 0.01, momen
     else:
         raise ValueError(f"unknown --optimizer {name!r}; valid: {', '.join(OPTIMIZERS)}")
     device = next(model.parameters()).device
-    opt = cls(biases, lr=lr, fused=fused_supported(cls, device), **kwargs)
+    if fused_supported(cls, device):
+        kwargs["fused"] = True
+    opt = cls(biases, lr=lr, **kwargs)
     opt.add_param_group({"params": weights, "weight_decay": decay})
     opt.add_param_group({"params": norm, "weight_decay": 0.0})
     LOGGER.info(f"{colorstr('optimizer:')} {name}(lr={lr}) with parameter groups {len(norm)} norm weights "
