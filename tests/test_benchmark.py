@@ -157,3 +157,26 @@ def test_speed_rows_include_the_compiled_paths(monkeypatch, bf16):
     assert names[-1 - len(extra) :] == ["torch.compile frozen (--compile)", *extra]
     assert len(compiled) == 1 + bf16 and all(r.ms > 0 and r.imgsz == 64 for r in rows)
     assert rows[0].peak_gflops == 100.0
+
+
+@pytest.mark.parametrize("amp", [False, True])
+def test_train_speed_reports_loader_model_and_total_against_the_limit(
+    monkeypatch, tiny_dataset, project_log, amp
+):
+    """--train-speed: positive rates, the limit = peak / (3 x FLOPs per image), and the bf16 bound only
+    for a bf16 run (AMP on a CPU with native bf16: forced here, as the machine may not have it)."""
+    import torch
+
+    from utils import benchmark
+
+    monkeypatch.setattr(benchmark, "half_dtype", lambda device: torch.bfloat16)
+    peaks = {torch.float32: 1e11, torch.bfloat16: 4e11}
+    monkeypatch.setattr(benchmark, "gemm_peak", lambda dtype=torch.float32: peaks[dtype])
+    ds = tiny_dataset(n_train=8, n_val=2)
+    r = benchmark.train_speed("yolov5n.yaml", str(ds.yaml), 64, batch_size=2, batches=1, workers=0, amp=amp)
+    assert min(r["loader_ips"], r["model_ips"], r["total_ips"]) > 0
+    assert r["limit_ips"] == pytest.approx(100.0 / (3 * r["gflops"]))
+    assert r["precision"] == ("bfloat16" if amp else "float32") and r["memory_format"] == "channels_last"
+    benchmark.print_train_speed("yolov5n.yaml", 64, 2, r)
+    bound = [line for line in project_log if "bf16 GEMM peak 400 GFLOP/s" in line]
+    assert len(bound) == amp

@@ -40,8 +40,8 @@ def median_seconds(fn: Callable[[], Any], runs: int = 10, warmup: int = 2) -> fl
     return statistics.median(times)
 
 
-def gemm_peak(n: int = 2048, runs: int = 10, trials: int = 3) -> float:
-    """Measured fp32 matrix-multiply throughput of this machine in FLOP/s.
+def gemm_peak(n: int = 2048, runs: int = 10, trials: int = 3, dtype: torch.dtype = torch.float32) -> float:
+    """Measured matrix-multiply throughput of this machine in FLOP/s, fp32 unless ``dtype`` says otherwise.
 
     The better of two GEMM libraries: ``torch.matmul`` of two n x n matrices (MKL or OpenBLAS) and
     a 1x1 convolution in channels_last, which oneDNN runs as a (64*64, 1024) x (1024, 1024) matrix
@@ -49,10 +49,10 @@ def gemm_peak(n: int = 2048, runs: int = 10, trials: int = 3) -> float:
     alone would understate the peak. The best of a few trials of each: a peak is what the machine
     can reach, and one trial can be slowed by frequency ramp-up or a neighbour on the cores.
     """
-    a, b = torch.rand(n, n), torch.rand(n, n)
+    a, b = torch.rand(n, n, dtype=dtype), torch.rand(n, n, dtype=dtype)
     c, hw = 1024, 64
-    x = torch.rand(1, c, hw, hw).contiguous(memory_format=torch.channels_last)
-    conv = nn.Conv2d(c, c, 1, bias=False).eval().to(memory_format=torch.channels_last)
+    x = torch.rand(1, c, hw, hw, dtype=dtype).contiguous(memory_format=torch.channels_last)
+    conv = nn.Conv2d(c, c, 1, bias=False, dtype=dtype).eval().to(memory_format=torch.channels_last)
     with torch.inference_mode():
         matmul = max(2 * n**3 / median_seconds(lambda: a @ b, runs=runs) for _ in range(trials))
         conv1x1 = max(2 * c * c * hw * hw / median_seconds(lambda: conv(x), runs=runs) for _ in range(trials))
@@ -393,10 +393,12 @@ def train_speed(cfg: str, data: str, imgsz: int, batch_size: int = 16, batches: 
     total_ips = batches * batch_size / (time.perf_counter() - t0)
     peak = (cuda_gemm_peak(dev) if cuda else gemm_peak()) / 1e9
     limit_ips = peak / (3 * gflops)
+    # a CPU under bf16 autocast: the limit at the bf16 GEMM peak too, the fairer bound for that run
+    bf16_peak = gemm_peak(dtype=torch.bfloat16) / 1e9 if amp_dtype == torch.bfloat16 else float("nan")
     return {"loader_ips": loader_ips, "model_ips": batch_size / model_s, "total_ips": total_ips,
             "s_per_batch": batch_size / total_ips, "gflops": gflops, "peak": peak, "limit_ips": limit_ips,
             "peak_kind": "fp16 CUDA" if cuda else "fp32 CPU", "memory_format": str(fmt).split(".")[-1],
-            "precision": str(amp_dtype or torch.float32).replace("torch.", "")}  # fmt: skip
+            "precision": str(amp_dtype or torch.float32).replace("torch.", ""), "bf16_peak": bf16_peak}  # fmt: skip
 
 
 def print_train_speed(cfg: str, imgsz: int, batch_size: int, r: dict[str, float]) -> None:
@@ -405,3 +407,7 @@ def print_train_speed(cfg: str, imgsz: int, batch_size: int, r: dict[str, float]
                 f"({r['s_per_batch']:.2f} s/batch). Limit at {r['peak_kind']} GEMM peak {r['peak']:.0f} GFLOP/s with "
                 f"3 x {r['gflops']:.2f} GFLOPs/img: {r['limit_ips']:.1f} img/s -> "
                 f"{r['total_ips'] / r['limit_ips']:.0%} of the limit")  # fmt: skip
+    if r["bf16_peak"] == r["bf16_peak"]:  # not nan: a bf16 run
+        bf16_limit = r["bf16_peak"] / (3 * r["gflops"])
+        LOGGER.info(f"At the bf16 GEMM peak {r['bf16_peak']:.0f} GFLOP/s the limit is {bf16_limit:.1f} img/s -> "
+                    f"{r['total_ips'] / bf16_limit:.0%} of it")  # fmt: skip
