@@ -6,6 +6,7 @@ Every figure is measured on the machine it runs on; nothing here is a unit test.
 from __future__ import annotations
 
 import copy
+import math
 import statistics
 import time
 from collections.abc import Callable
@@ -407,7 +408,7 @@ def print_train_speed(cfg: str, imgsz: int, batch_size: int, r: dict[str, float]
                 f"({r['s_per_batch']:.2f} s/batch). Limit at {r['peak_kind']} GEMM peak {r['peak']:.0f} GFLOP/s with "
                 f"3 x {r['gflops']:.2f} GFLOPs/img: {r['limit_ips']:.1f} img/s -> "
                 f"{r['total_ips'] / r['limit_ips']:.0%} of the limit")  # fmt: skip
-    if r["bf16_peak"] == r["bf16_peak"]:  # not nan: a bf16 run
+    if not math.isnan(r["bf16_peak"]):  # a bf16 run
         bf16_limit = r["bf16_peak"] / (3 * r["gflops"])
         LOGGER.info(f"At the bf16 GEMM peak {r['bf16_peak']:.0f} GFLOP/s the limit is {bf16_limit:.1f} img/s -> "
                     f"{r['total_ips'] / bf16_limit:.0%} of it")  # fmt: skip
