@@ -320,7 +320,7 @@ def test_half_overflow_is_rerun_in_fp32_or_reported(dataset_yaml, monkeypatch, p
     from utils import evaluator
 
     options = evaluator._Options
-    monkeypatch.setattr(evaluator, "_Options", lambda **kw: options(**{**kw, "half": True}))  # CUDA-only path
+    monkeypatch.setattr(evaluator, "_Options", lambda **kw: options(**{**kw, "half_dtype": torch.bfloat16}))
     loader, _ = _loader(dataset_yaml)
     batches = list(loader)
     model = OverflowingModel(batches, fp16=fp16_weights)

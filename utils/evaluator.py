@@ -131,7 +131,7 @@ class _Options:
     single_cls: bool
     augment: bool
     compute_loss: Callable | None
-    half: bool
+    half_dtype: torch.dtype | None  # autocast precision for --half: half_dtype(device), None for fp32
     save_dir: Path | None
     plots: bool
     save_txt: bool
@@ -186,11 +186,13 @@ class _Evaluation:
         height, width = im.shape[2:]
         t1 = time_sync()
         autocast = (
-            torch.autocast(o.device.type, dtype=half_dtype(o.device)) if o.half else contextlib.nullcontext()
+            torch.autocast(o.device.type, dtype=o.half_dtype)
+            if o.half_dtype is not None
+            else contextlib.nullcontext()
         )
         with autocast:
             pred, raw = _forward(model, im, o.augment)
-        if o.half and not _all_finite(pred, raw):
+        if o.half_dtype is not None and not _all_finite(pred, raw):
             # fp16 holds values up to 65504; a half-trained model's activations can pass that (seen on CUDA).
             self.half_overflows += 1
             if not getattr(model, "fp16", False):  # fp32 weights under autocast: this batch again in fp32
@@ -278,7 +280,7 @@ def _plot_curves(metrics: DetMetrics, names: Mapping[int, str], save_dir: Path) 
 
 
 def _overflow_message(e: _Evaluation) -> str:
-    dtype = str(half_dtype(e.o.device) or "reduced precision").replace("torch.", "")
+    dtype = str(e.o.half_dtype).replace("torch.", "")
     said = f"WARNING: {dtype} overflowed (inf or nan in the outputs) in {e.half_overflows} of {e.batches} batches; "
     if e.fp32_reruns == e.half_overflows:
         return said + "those batches were evaluated again in fp32"
@@ -385,7 +387,7 @@ def evaluate(
         single_cls=single_cls,
         augment=augment,
         compute_loss=compute_loss,
-        half=half and half_dtype(device) is not None,
+        half_dtype=half_dtype(device) if half else None,
         save_dir=save_dir,
         plots=plots,
         save_txt=save_txt and save_dir is not None,
