@@ -32,9 +32,9 @@ class ChannelAttention(KeepsChannels, nn.Module):
 
     def weights(self, x: torch.Tensor) -> torch.Tensor:
         """(B, C, H, W) -> channel weights (B, C, 1, 1) in 0..1."""
-        avg = self.fc2(self.act(self.fc1(x.mean((2, 3), keepdim=True))))
-        mx = self.fc2(self.act(self.fc1(x.amax((2, 3), keepdim=True))))
-        return torch.sigmoid(avg + mx)
+        pooled = torch.cat((x.mean((2, 3), keepdim=True), x.amax((2, 3), keepdim=True)))  # (2B, C, 1, 1)
+        avg, mx = self.act(self.fc1(pooled)).chunk(2)
+        return torch.sigmoid(self.fc2(avg + mx))  # fc2 is linear (no bias): fc2(a) + fc2(b) == fc2(a + b)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return x * self.weights(x)

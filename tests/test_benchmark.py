@@ -84,14 +84,19 @@ def test_throughput_table_rows_per_variant_and_batch(monkeypatch, project_log):
     monkeypatch.setattr(torch, "compile", lambda m, options=None: compiled.append(m) or m)
     monkeypatch.setattr(benchmark, "half_dtype", lambda device: None)
     rows = benchmark.throughput_table("yolov5n.yaml", 64, "cpu", batches=(1, 2), runs=1)
-    variants = ["fp32", "fp32 + channels_last", "fp32 + channels_last + torch.compile"]
+    variants = [
+        "fp32",
+        "fp32 + channels_last",
+        "fp32 + channels_last + packed",
+        "fp32 + channels_last + torch.compile",
+    ]
     assert [(r.variant, r.batch) for r in rows] == [(v, b) for v in variants for b in (1, 2)]
     assert len(compiled) == 1 and all(r.images_per_second > 0 for r in rows)
     assert rows[1].images_per_second == pytest.approx(2 / rows[1].ms * 1e3)
     benchmark.print_throughput(rows, "yolov5n.yaml", 64, "cpu")
     table = project_log[project_log.index("yolov5n.yaml at 64, device cpu: images/s by batch size") :]
     assert table[1].split() == ["variant", "batch", "1", "batch", "2"]
-    assert [line.split()[0] for line in table[2:]] == ["fp32"] * 3
+    assert [line.split()[0] for line in table[2:]] == ["fp32"] * 4
 
 
 def test_throughput_table_adds_amp_rows_where_half_is_faster(monkeypatch):
@@ -101,7 +106,9 @@ def test_throughput_table_adds_amp_rows_where_half_is_faster(monkeypatch):
 
     monkeypatch.setattr(benchmark, "half_dtype", lambda device: torch.bfloat16)
     rows = benchmark.throughput_table("yolov5n.yaml", 64, "cpu", batches=(1,), compile=False, runs=1)
-    assert [r.variant for r in rows] == ["fp32", "fp32 + channels_last", "AMP", "AMP + channels_last"]
+    assert [r.variant for r in rows] == [
+        "fp32", "fp32 + channels_last", "fp32 + channels_last + packed", "AMP", "AMP + channels_last"
+    ]  # fmt: skip
 
 
 def test_trained_like_gives_every_batchnorm_nonzero_random_parameters():
@@ -129,7 +136,8 @@ def test_gemm_peak_is_the_better_of_matmul_and_a_onednn_1x1_convolution(monkeypa
     """The peak is not held down by a slow BLAS: a faster oneDNN GEMM (1x1 conv) sets it."""
     from utils import benchmark
 
-    times = iter([1.0, 2.0, 1.0, 0.5, 0.25, 0.5])  # 3 matmul trials, then 3 conv trials (seconds)
+    # 3 matmul trials, then 3 trials of the conv with plain and with pre-packed weights (seconds)
+    times = iter([1.0, 2.0, 1.0, 0.5, 0.6, 0.4, 0.25, 0.5, 0.5])
 
     def fake_median(fn, runs=10, warmup=2):
         fn()
@@ -138,7 +146,7 @@ def test_gemm_peak_is_the_better_of_matmul_and_a_onednn_1x1_convolution(monkeypa
     monkeypatch.setattr(benchmark, "median_seconds", fake_median)
     conv_flops = 2 * 1024 * 1024 * 64 * 64
     assert benchmark.gemm_peak(n=8, runs=1, trials=3) == conv_flops / 0.25
-    times = iter([1e-9, 1.0, 1.0, 1.0, 1.0, 1.0])  # a fast matmul wins
+    times = iter([1e-9, 1.0, 1.0, *[1.0] * 6])  # a fast matmul wins
     assert benchmark.gemm_peak(n=8, runs=1, trials=3) == 2 * 8**3 / 1e-9
 
 

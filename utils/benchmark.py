@@ -17,6 +17,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 
+from models.packed import PackedConv2d, pack_convolutions
 from utils.general import LOGGER
 from utils.torch_utils import (
     compile_for_inference,
@@ -46,7 +47,7 @@ def gemm_peak(n: int = 2048, runs: int = 10, trials: int = 3, dtype: torch.dtype
 
     The better of two GEMM libraries: ``torch.matmul`` of two n x n matrices (MKL or OpenBLAS) and
     a 1x1 convolution in channels_last, which oneDNN runs as a (64*64, 1024) x (1024, 1024) matrix
-    multiply. On AMD CPUs MKL's sgemm reaches well under half of what oneDNN reaches, so the matmul
+    multiply (with plain and with pre-packed weights, models/packed.py). On AMD CPUs MKL's sgemm reaches well under half of what oneDNN reaches, so the matmul
     alone would understate the peak. The best of a few trials of each: a peak is what the machine
     can reach, and one trial can be slowed by frequency ramp-up or a neighbour on the cores.
     """
@@ -54,9 +55,14 @@ def gemm_peak(n: int = 2048, runs: int = 10, trials: int = 3, dtype: torch.dtype
     c, hw = 1024, 64
     x = torch.rand(1, c, hw, hw, dtype=dtype).contiguous(memory_format=torch.channels_last)
     conv = nn.Conv2d(c, c, 1, bias=False, dtype=dtype).eval().to(memory_format=torch.channels_last)
+    convs = [conv, PackedConv2d(conv)]  # plain weights, and weights laid out once (what inference runs)
     with torch.inference_mode():
         matmul = max(2 * n**3 / median_seconds(lambda: a @ b, runs=runs) for _ in range(trials))
-        conv1x1 = max(2 * c * c * hw * hw / median_seconds(lambda: conv(x), runs=runs) for _ in range(trials))
+        conv1x1 = max(
+            2 * c * c * hw * hw / median_seconds(lambda f=f: f(x), runs=runs)
+            for _ in range(trials)
+            for f in convs
+        )
     return max(matmul, conv1x1)
 
 
@@ -168,15 +174,18 @@ def _runner(model: Callable[[torch.Tensor], Any], device_type: str, channels_las
 
 
 def _eager_variants(model: nn.Module, compile: bool) -> dict[str, Callable[[torch.Tensor], Any]]:
-    """The .pt paths: eager fp32 unfused / fused / channels_last, bf16 autocast (--half) and, with
-    ``compile``, torch.compile with frozen weights (--compile), fp32 and under bf16 autocast."""
+    """The .pt paths: eager fp32 unfused / fused / channels_last / pre-packed, bf16 autocast (--half)
+    and, with ``compile``, torch.compile with frozen weights (--compile), fp32 and under bf16 autocast."""
     unfused = copy.deepcopy(model).eval()
     fused = copy.deepcopy(model).eval().fuse()
     fused_cl = copy.deepcopy(fused).to(memory_format=torch.channels_last)
+    packed = copy.deepcopy(fused_cl)
+    pack_convolutions(packed)
     native_bf16 = cpu_bf16_supported()
     bf16_name = "bf16 autocast (--half)" if native_bf16 else "bf16 autocast (emulated)"
     variants = {"eager fp32 unfused": unfused, "eager fp32 fused": fused,
                 "fused + channels_last": _runner(fused_cl, "cpu", True),
+                "+ packed weights (.pt default)": _runner(packed, "cpu", True),
                 bf16_name: _runner(fused_cl, "cpu", True, torch.bfloat16)}  # fmt: skip
     if compile:
         torch._dynamo.reset()  # a fresh compile per input size, not a dynamic-shape recompile
@@ -273,19 +282,21 @@ class ThroughputRow:
 
 
 def _throughput_variants(model: nn.Module, device: torch.device, compile: bool) -> dict[str, Callable]:
-    """fp32, AMP (fp16 on CUDA, bf16 on a CPU with native bf16), channels_last, then torch.compile of
-    the fastest-looking combination. The model is fused and in eval mode."""
+    """fp32, AMP (fp16 on CUDA, bf16 on a CPU with native bf16), channels_last, pre-packed weights (CPU),
+    then torch.compile of the fastest-looking combination. The model is fused and in eval mode."""
     amp_dtype = half_dtype(device)
     cl_model = copy.deepcopy(model).to(memory_format=torch.channels_last)
     variants = {
         "fp32": _runner(model, device.type, False),
         "fp32 + channels_last": _runner(cl_model, device.type, True),
     }
+    if device.type == "cpu" and pack_convolutions(packed := copy.deepcopy(cl_model)):
+        variants["fp32 + channels_last + packed"] = _runner(packed, "cpu", True)
     if amp_dtype is not None:
         variants["AMP"] = _runner(model, device.type, False, amp_dtype)
         variants["AMP + channels_last"] = _runner(cl_model, device.type, True, amp_dtype)
     if compile:
-        variants[f"{list(variants)[-1]} + torch.compile"] = _runner(
+        variants[f"{'AMP' if amp_dtype else 'fp32'} + channels_last + torch.compile"] = _runner(
             compile_for_inference(cl_model), device.type, True, amp_dtype
         )
     return variants

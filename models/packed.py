@@ -1,0 +1,125 @@
+"""Convolutions for fp32 CPU inference with weights laid out once for oneDNN, not on every call.
+
+PyTorch's eager CPU convolution hands oneDNN its weights in the plain (O, I, kH, kW) layout, and
+oneDNN reorders them into the blocked layout its kernel wants on every call. Where a layer has many
+weights and few output pixels (ResNet layer4 and the P5 head at 320: 10x10 maps, up to 4M weights)
+that reorder costs more than the multiply: a 4096 -> 1024 1x1 convolution at 10x10 ran at 164
+GFLOP/s eager and 425 with its weights reordered ahead of time, on a 2-core AVX512 CPU whose GEMM
+peak is about 470. ``pack_convolutions`` swaps every Conv2d of a fused model for a ``PackedConv2d``
+that keeps the reordered copy and calls oneDNN's fused convolution (+ activation) directly:
+yolov5-resnet50-cbam at 320, batch 1, 2 threads, 90 -> 70 ms (``python benchmarks.py --speed``).
+
+The blocked layout oneDNN picks depends on the input shape, and weights packed for one shape are
+slower than plain ones at another, so a layer repacks when its input shape changes. A repack costs
+about what eager pays on every call, so a run of changing shapes is no slower than eager and a
+steady stream (video, a fixed --imgsz, benchmarks) pays it once.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from models.common import Conv
+
+# Activations oneDNN can apply inside the convolution, by the post-op name its fused kernel takes
+FUSABLE_ACTIVATIONS: dict[type[nn.Module], str] = {nn.SiLU: "swish", nn.ReLU: "relu", nn.Sigmoid: "sigmoid"}
+
+
+def packing_supported() -> bool:
+    """Whether this PyTorch build has oneDNN's pre-packed convolution ops."""
+    return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_convolution_pointwise")
+
+
+class PackedConv2d(nn.Module):
+    """A Conv2d (optionally followed by an activation) for fp32 CPU inference, weights pre-packed.
+
+    Holds the original weight and bias as parameters, so ``state_dict`` is unchanged, and a packed
+    copy for the last input shape seen. Calls that are not fp32 CPU inference (autocast on,
+    gradients needed, another dtype or device) run ``F.conv2d`` and the activation module instead.
+    """
+
+    def __init__(self, conv: nn.Conv2d, activation: nn.Module | None = None):
+        super().__init__()
+        if conv.padding_mode != "zeros" or isinstance(conv.padding, str):
+            raise ValueError(
+                f"PackedConv2d needs explicit zero padding, got {conv.padding!r} / {conv.padding_mode}"
+            )
+        self.in_channels, self.out_channels = conv.in_channels, conv.out_channels
+        self.kernel_size, self.stride, self.padding = conv.kernel_size, conv.stride, conv.padding
+        self.dilation, self.groups = conv.dilation, conv.groups
+        self.weight, self.bias = conv.weight, conv.bias
+        self.activation = activation if activation is not None else nn.Identity()
+        self.post_op = "none" if activation is None else FUSABLE_ACTIVATIONS[type(activation)]
+        self._packed: torch.Tensor | None = None  # oneDNN opaque tensor: never saved, copied or pickled
+        self._packed_for: tuple[Any, ...] | None = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self._packable(x):
+            y = F.conv2d(x, self.weight, self.bias, self.stride, self.padding, self.dilation, self.groups)
+            return self.activation(y)
+        key = (tuple(x.shape), _version(self.weight), _version(self.bias))
+        if key != self._packed_for:  # a new input shape, or weights changed in place (load_state_dict)
+            self._packed = torch.ops.mkldnn._reorder_convolution_weight(
+                self.weight.detach(), self.padding, self.stride, self.dilation, self.groups, list(x.shape)
+            )
+            self._packed_for = key
+        bias = None if self.bias is None else self.bias.detach()
+        return torch.ops.mkldnn._convolution_pointwise(
+            x, self._packed, bias, self.padding, self.stride, self.dilation, self.groups, self.post_op, [], ""
+        )
+
+    def _packable(self, x: torch.Tensor) -> bool:
+        return (
+            x.device.type == "cpu"
+            and x.dtype == self.weight.dtype == torch.float32
+            and x.dim() == 4
+            and not torch.is_autocast_enabled("cpu")
+            and not (torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad))
+        )
+
+    def __getstate__(self) -> dict[str, Any]:  # deepcopy and pickle: the opaque packed copy stays behind
+        state = self.__dict__.copy()
+        state["_packed"] = state["_packed_for"] = None
+        return state
+
+    def extra_repr(self) -> str:
+        return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}, "
+                f"padding={self.padding}, groups={self.groups}, post_op={self.post_op}")  # fmt: skip
+
+
+def _fused_conv_block(m: nn.Module) -> bool:
+    """A ``Conv`` block whose BatchNorm is folded in: conv -> act."""
+    return isinstance(m, Conv) and type(m.conv) is nn.Conv2d and isinstance(m.bn, nn.Identity)
+
+
+def _version(t: torch.Tensor | None) -> int | None:
+    """In-place change counter of a parameter; None for inference-mode tensors, which keep none."""
+    return None if t is None or t.is_inference() else t._version
+
+
+def pack_convolutions(model: nn.Module) -> int:
+    """Replace every Conv2d in a fused, eval-mode model with a PackedConv2d, in place; returns how many.
+
+    The activation of a ``Conv`` block (SiLU, ReLU or Sigmoid) moves into its convolution. Use on
+    fp32 CPU inference models after ``fuse()``; torch.compile packs by itself and needs the plain model.
+    """
+    if not packing_supported():
+        return 0
+    count = 0
+    for parent in list(model.modules()):
+        if _fused_conv_block(parent) and type(parent.act) in FUSABLE_ACTIVATIONS:
+            parent.conv, parent.act = PackedConv2d(parent.conv, parent.act), nn.Identity()
+            count += 1
+        for name, child in list(parent.named_children()):
+            if (
+                type(child) is nn.Conv2d
+                and child.padding_mode == "zeros"
+                and not isinstance(child.padding, str)
+            ):
+                setattr(parent, name, PackedConv2d(child))
+                count += 1
+    return count

@@ -1,0 +1,110 @@
+"""Pre-packed oneDNN convolutions (models/packed.py): same results as Conv2d, in every case they meet."""
+
+from __future__ import annotations
+
+import copy
+import pickle
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn as nn
+
+from models.backend import AutoBackend
+from models.common import Conv
+from models.packed import PackedConv2d, pack_convolutions, packing_supported
+from models.yolo import DetectionModel
+from utils.benchmark import trained_like
+
+pytestmark = pytest.mark.skipif(not packing_supported(), reason="this PyTorch build has no oneDNN")
+
+
+def _nhwc(*shape: int, seed: int = 0) -> torch.Tensor:
+    x = torch.randn(*shape, generator=torch.Generator().manual_seed(seed))
+    return x.contiguous(memory_format=torch.channels_last)
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        dict(in_channels=8, out_channels=16, kernel_size=1),
+        dict(in_channels=8, out_channels=16, kernel_size=3, stride=2, padding=1),
+        dict(in_channels=8, out_channels=8, kernel_size=3, padding=2, dilation=2, groups=4, bias=False),
+        dict(in_channels=3, out_channels=16, kernel_size=7, stride=2, padding=3, bias=False),
+    ],
+)
+@pytest.mark.parametrize("activation", [None, nn.SiLU(), nn.ReLU(), nn.Sigmoid()])
+def test_packed_conv_equals_conv_then_activation(kwargs, activation):
+    conv = nn.Conv2d(**kwargs).eval()
+    packed = PackedConv2d(conv, activation)
+    x = _nhwc(2, kwargs["in_channels"], 13, 11)
+    with torch.inference_mode():
+        expected = conv(x) if activation is None else activation(conv(x))
+        y = packed(x)
+    torch.testing.assert_close(y, expected, rtol=1e-4, atol=1e-4)
+    assert packed.post_op == ("none" if activation is None else {nn.SiLU: "swish", nn.ReLU: "relu",
+                                                                  nn.Sigmoid: "sigmoid"}[type(activation)])  # fmt: skip
+
+
+def test_packed_conv_repacks_for_a_new_shape_and_for_new_weights():
+    conv = nn.Conv2d(4, 6, 3, padding=1).eval()
+    packed = PackedConv2d(conv)
+    with torch.inference_mode():
+        for shape in [(1, 4, 8, 8), (1, 4, 16, 12), (3, 4, 8, 8), (1, 4, 8, 8)]:
+            x = _nhwc(*shape)
+            torch.testing.assert_close(packed(x), conv(x), rtol=1e-5, atol=1e-5)
+            assert packed._packed_for[0] == shape
+    with torch.no_grad():
+        conv.weight.mul_(-2.0)  # shared with the packed module, changed in place
+    x = _nhwc(1, 4, 8, 8)
+    with torch.inference_mode():
+        torch.testing.assert_close(packed(x), conv(x), rtol=1e-5, atol=1e-5)
+
+
+def test_packed_conv_falls_back_to_conv2d_for_training_autocast_and_other_dtypes():
+    conv = nn.Conv2d(4, 6, 3, padding=1)
+    packed = PackedConv2d(conv, nn.SiLU())
+    x = _nhwc(2, 4, 8, 8).requires_grad_()
+    y = packed(x)  # gradients wanted: the differentiable F.conv2d path
+    y.sum().backward()
+    assert x.grad is not None and conv.weight.grad is not None and packed._packed is None
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        assert packed(x.detach()).dtype == torch.bfloat16  # autocast applied, as for a Conv2d
+    assert packed._packed is None
+    packed.double()  # converts the parameters it shares with conv
+    xd = x.detach().double()
+    with torch.no_grad():
+        torch.testing.assert_close(packed(xd), nn.functional.silu(conv(xd)))
+    assert packed._packed is None
+
+
+def test_pack_convolutions_keeps_outputs_state_dict_copy_and_pickle():
+    model = trained_like(DetectionModel("yolov5-resnet50-cbam.yaml", verbose=False).eval()).fuse()
+    model.to(memory_format=torch.channels_last)
+    packed = copy.deepcopy(model)
+    convs = sum(isinstance(m, nn.Conv2d) for m in model.modules())
+    assert pack_convolutions(packed) == convs
+    assert not any(type(m) is nn.Conv2d for m in packed.modules())
+    blocks = [m for m in packed.modules() if isinstance(m, Conv)]
+    assert blocks and all(isinstance(b.act, nn.Identity) and b.conv.post_op == "swish" for b in blocks)
+    assert list(packed.state_dict()) == list(model.state_dict())
+    x = _nhwc(1, 3, 96, 64)
+    with torch.inference_mode():
+        expected = model(x)[0]
+        torch.testing.assert_close(packed(x)[0], expected, rtol=1e-3, atol=1e-3)
+        again = copy.deepcopy(packed)  # after packing: the opaque oneDNN copies are left behind
+        restored = pickle.loads(pickle.dumps(packed))
+        assert all(m._packed is None for m in again.modules() if isinstance(m, PackedConv2d))
+        torch.testing.assert_close(again(x)[0], expected, rtol=1e-3, atol=1e-3)
+        torch.testing.assert_close(restored(x)[0], expected, rtol=1e-3, atol=1e-3)
+
+
+def test_autobackend_packs_a_cpu_pt_model_unless_compiled(monkeypatch, tiny_checkpoint: Path):
+    monkeypatch.setattr(torch, "compile", lambda model, options=None: model)
+    eager = AutoBackend(tiny_checkpoint)
+    compiled = AutoBackend(tiny_checkpoint, compile=True)
+    assert any(isinstance(m, PackedConv2d) for m in eager.model.modules())
+    assert not any(isinstance(m, PackedConv2d) for m in compiled.model.modules())
+    x = torch.rand(1, 3, 64, 96)
+    with torch.no_grad():
+        torch.testing.assert_close(eager(x), compiled(x), rtol=1e-4, atol=1e-3)
