@@ -7,7 +7,7 @@ that reorder costs more than the multiply: a 4096 -> 1024 1x1 convolution at 10x
 GFLOP/s eager and 425 with its weights reordered ahead of time, on a 2-core AVX512 CPU whose GEMM
 peak is about 470. ``pack_convolutions`` swaps every Conv2d of a fused model for a ``PackedConv2d``
 that keeps the reordered copy and calls oneDNN's fused convolution (+ activation) directly:
-yolov5-resnet50-cbam at 320, batch 1, 2 threads, 90 -> 70 ms (``python benchmarks.py --speed``).
+yolov5-resnet50-cbam at 320, batch 1, 2 threads, 100 -> 77 ms (``python benchmarks.py --speed``).
 
 The blocked layout oneDNN picks depends on the input shape, and weights packed for one shape are
 slower than plain ones at another, so a layer repacks when its input shape changes. A repack costs
