@@ -106,5 +106,8 @@ def test_autobackend_packs_a_cpu_pt_model_unless_compiled(monkeypatch, tiny_chec
     assert any(isinstance(m, PackedConv2d) for m in eager.model.modules())
     assert not any(isinstance(m, PackedConv2d) for m in compiled.model.modules())
     x = torch.rand(1, 3, 64, 96)
-    with torch.no_grad():
-        torch.testing.assert_close(eager(x), compiled(x), rtol=1e-4, atol=1e-3)
+    expected = compiled(x)  # outside no_grad: the inference model has no gradients to track
+    packed = [m for m in eager.model.modules() if isinstance(m, PackedConv2d)]
+    assert all(m._packed is None for m in packed)
+    torch.testing.assert_close(eager(x), expected, rtol=1e-4, atol=1e-3)
+    assert all(m._packed is not None for m in packed)  # the packed path ran, not the F.conv2d fallback
