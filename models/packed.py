@@ -35,11 +35,13 @@ def packing_supported() -> bool:
 
 
 class PackedConv2d(nn.Module):
-    """A Conv2d (optionally followed by an activation) for fp32 CPU inference, weights pre-packed.
+    """A Conv2d (optionally followed by an activation) for CPU inference, weights pre-packed.
 
-    Holds the original weight and bias as parameters, so ``state_dict`` is unchanged, and a packed
-    copy for the last input shape seen. Calls that are not fp32 CPU inference (autocast on,
-    gradients needed, another dtype or device) run ``F.conv2d`` and the activation module instead.
+    Holds the original fp32 weight and bias as parameters, so ``state_dict`` is unchanged, and a
+    packed copy for the last input shape seen: fp32, or bf16 under CPU bf16 autocast (``--half``),
+    where the result is what autocast gives a Conv2d but the weights are not cast again each call.
+    Other calls (gradients needed, another dtype, device or autocast dtype) run ``F.conv2d`` and the
+    activation module instead.
     """
 
     def __init__(self, conv: nn.Conv2d, activation: nn.Module | None = None):
@@ -55,35 +57,41 @@ class PackedConv2d(nn.Module):
         self.activation = activation if activation is not None else nn.Identity()
         self.post_op = "none" if activation is None else FUSABLE_ACTIVATIONS[type(activation)]
         self._packed: torch.Tensor | None = None  # oneDNN opaque tensor: never saved, copied or pickled
+        self._bias: torch.Tensor | None = None  # the bias in the packed dtype
         self._packed_for: tuple[Any, ...] | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not self._packable(x):
+        dtype = self._compute_dtype(x)
+        if dtype is None:
             y = F.conv2d(x, self.weight, self.bias, self.stride, self.padding, self.dilation, self.groups)
             return self.activation(y)
-        key = (tuple(x.shape), _version(self.weight), _version(self.bias))
-        if key != self._packed_for:  # a new input shape, or weights changed in place (load_state_dict)
+        key = (tuple(x.shape), dtype, _version(self.weight), _version(self.bias))
+        if key != self._packed_for:  # a new input shape or dtype, or weights changed in place
+            weight = self.weight.detach().to(dtype)
             self._packed = torch.ops.mkldnn._reorder_convolution_weight(
-                self.weight.detach(), self.padding, self.stride, self.dilation, self.groups, list(x.shape)
+                weight, self.padding, self.stride, self.dilation, self.groups, list(x.shape)
             )
+            self._bias = None if self.bias is None else self.bias.detach().to(dtype)
             self._packed_for = key
-        bias = None if self.bias is None else self.bias.detach()
         return torch.ops.mkldnn._convolution_pointwise(
-            x, self._packed, bias, self.padding, self.stride, self.dilation, self.groups, self.post_op, [], ""
-        )
+            x.to(dtype), self._packed, self._bias, self.padding, self.stride, self.dilation, self.groups,
+            self.post_op, [], "",
+        )  # fmt: skip
 
-    def _packable(self, x: torch.Tensor) -> bool:
-        return (
-            x.device.type == "cpu"
-            and x.dtype == self.weight.dtype == torch.float32
-            and x.dim() == 4
-            and not torch.is_autocast_enabled("cpu")
-            and not (torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad))
-        )
+    def _compute_dtype(self, x: torch.Tensor) -> torch.dtype | None:
+        """fp32, or bf16 under CPU bf16 autocast (as autocast would run a Conv2d); None: not packable."""
+        if x.device.type != "cpu" or x.dim() != 4 or self.weight.dtype != torch.float32:
+            return None
+        if torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad):
+            return None  # training: the differentiable path
+        if not torch.is_autocast_enabled("cpu"):
+            return torch.float32 if x.dtype == torch.float32 else None
+        autocast_bf16 = torch.get_autocast_dtype("cpu") == torch.bfloat16
+        return torch.bfloat16 if autocast_bf16 and x.dtype in (torch.float32, torch.bfloat16) else None
 
     def __getstate__(self) -> dict[str, Any]:  # deepcopy and pickle: the opaque packed copy stays behind
         state = self.__dict__.copy()
-        state["_packed"] = state["_packed_for"] = None
+        state["_packed"] = state["_bias"] = state["_packed_for"] = None
         return state
 
     def extra_repr(self) -> str:

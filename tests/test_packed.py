@@ -61,16 +61,28 @@ def test_packed_conv_repacks_for_a_new_shape_and_for_new_weights():
         torch.testing.assert_close(packed(x), conv(x), rtol=1e-5, atol=1e-5)
 
 
-def test_packed_conv_falls_back_to_conv2d_for_training_autocast_and_other_dtypes():
+def test_packed_conv_under_bf16_autocast_gives_what_autocast_gives_a_conv2d():
+    conv = nn.Conv2d(16, 32, 3, padding=1).eval()
+    packed = PackedConv2d(conv, nn.SiLU())
+    x = _nhwc(1, 16, 12, 12)
+    with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16):
+        expected = nn.functional.silu(conv(x))
+        y = packed(x)
+    assert y.dtype == expected.dtype == torch.bfloat16
+    assert packed._packed is not None and packed._packed_for[1] == torch.bfloat16
+    torch.testing.assert_close(y.float(), expected.float(), rtol=0.02, atol=0.02)
+    with torch.inference_mode():  # autocast off again: repacked in fp32
+        torch.testing.assert_close(packed(x), nn.functional.silu(conv(x)), rtol=1e-5, atol=1e-5)
+    assert packed._packed_for[1] == torch.float32
+
+
+def test_packed_conv_falls_back_to_conv2d_for_training_and_other_dtypes():
     conv = nn.Conv2d(4, 6, 3, padding=1)
     packed = PackedConv2d(conv, nn.SiLU())
     x = _nhwc(2, 4, 8, 8).requires_grad_()
     y = packed(x)  # gradients wanted: the differentiable F.conv2d path
     y.sum().backward()
     assert x.grad is not None and conv.weight.grad is not None and packed._packed is None
-    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
-        assert packed(x.detach()).dtype == torch.bfloat16  # autocast applied, as for a Conv2d
-    assert packed._packed is None
     packed.double()  # converts the parameters it shares with conv
     xd = x.detach().double()
     with torch.no_grad():
