@@ -186,7 +186,8 @@ def _eager_variants(model: nn.Module, compile: bool) -> dict[str, Callable[[torc
     variants = {"eager fp32 unfused": unfused, "eager fp32 fused": fused,
                 "fused + channels_last": _runner(fused_cl, "cpu", True),
                 "+ packed weights (.pt default)": _runner(packed, "cpu", True),
-                bf16_name: _runner(fused_cl, "cpu", True, torch.bfloat16)}  # fmt: skip
+                "bf16 autocast, not packed": _runner(fused_cl, "cpu", True, torch.bfloat16),
+                bf16_name: _runner(packed, "cpu", True, torch.bfloat16)}  # fmt: skip
     if compile:
         torch._dynamo.reset()  # a fresh compile per input size, not a dynamic-shape recompile
         variants["torch.compile frozen (--compile)"] = _runner(compile_for_inference(fused_cl), "cpu", True)
