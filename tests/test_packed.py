@@ -42,8 +42,8 @@ def test_packed_conv_equals_conv_then_activation(kwargs, activation):
         expected = conv(x) if activation is None else activation(conv(x))
         y = packed(x)
     torch.testing.assert_close(y, expected, rtol=1e-4, atol=1e-4)
-    assert packed.post_op == ("none" if activation is None else {nn.SiLU: "swish", nn.ReLU: "relu",
-                                                                  nn.Sigmoid: "sigmoid"}[type(activation)])  # fmt: skip
+    assert packed._packed is not None  # the oneDNN path ran, not the F.conv2d fallback
+    assert (packed.post_op == "none") == (activation is None)  # the activation ran inside oneDNN
 
 
 def test_packed_conv_repacks_for_a_new_shape_and_for_new_weights():

@@ -47,21 +47,31 @@ def gemm_peak(n: int = 2048, runs: int = 10, trials: int = 3, dtype: torch.dtype
 
     The better of two GEMM libraries: ``torch.matmul`` of two n x n matrices (MKL or OpenBLAS) and
     a 1x1 convolution in channels_last, which oneDNN runs as a (64*64, 1024) x (1024, 1024) matrix
-    multiply (with plain and with pre-packed weights, models/packed.py). On AMD CPUs MKL's sgemm reaches well under half of what oneDNN reaches, so the matmul
-    alone would understate the peak. The best of a few trials of each: a peak is what the machine
-    can reach, and one trial can be slowed by frequency ramp-up or a neighbour on the cores.
+    multiply, with plain weights and with weights pre-packed as inference runs them (models/packed.py).
+    On AMD CPUs MKL's sgemm reaches well under half of what oneDNN reaches, so the matmul alone would
+    understate the peak. The best of a few trials of each: a peak is what the machine can reach, and
+    one trial can be slowed by frequency ramp-up or a neighbour on the cores.
     """
     a, b = torch.rand(n, n, dtype=dtype), torch.rand(n, n, dtype=dtype)
     c, hw = 1024, 64
     x = torch.rand(1, c, hw, hw, dtype=dtype).contiguous(memory_format=torch.channels_last)
-    conv = nn.Conv2d(c, c, 1, bias=False, dtype=dtype).eval().to(memory_format=torch.channels_last)
-    convs = [conv, PackedConv2d(conv)]  # plain weights, and weights laid out once (what inference runs)
+    conv = nn.Conv2d(c, c, 1, bias=False).eval().to(memory_format=torch.channels_last)
+    plain = copy.deepcopy(conv).to(dtype)
+    packed = PackedConv2d(conv)  # packs fp32 weights, or bf16 ones under bf16 autocast
+
+    def run_plain() -> None:
+        plain(x)
+
+    def run_packed() -> None:
+        with torch.autocast("cpu", dtype=dtype, enabled=dtype != torch.float32):
+            packed(x)
+
     with torch.inference_mode():
         matmul = max(2 * n**3 / median_seconds(lambda: a @ b, runs=runs) for _ in range(trials))
         conv1x1 = max(
-            2 * c * c * hw * hw / median_seconds(lambda f=f: f(x), runs=runs)
+            2 * c * c * hw * hw / median_seconds(f, runs=runs)
             for _ in range(trials)
-            for f in convs
+            for f in (run_plain, run_packed)
         )
     return max(matmul, conv1x1)
 
