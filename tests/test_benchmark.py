@@ -165,6 +165,11 @@ def test_speed_rows_include_the_compiled_paths(monkeypatch, bf16):
     assert names[-1 - len(extra) :] == ["torch.compile frozen (--compile)", *extra]
     assert len(compiled) == 1 + bf16 and all(r.ms > 0 and r.imgsz == 64 for r in rows)
     assert rows[0].peak_gflops == 100.0
+    profiled = [r for r in rows if r.shares]  # the .pt default path, broken down by a profiler trace
+    assert [r.variant for r in profiled] == [benchmark.PROFILED_VARIANT]
+    shares = profiled[0].shares
+    assert shares["convolutions"] > 0 and shares["other operators"] > 0
+    assert sum(shares.values()) == pytest.approx(1.0, abs=0.02) or shares["outside operators"] == 0.0
 
 
 @pytest.mark.parametrize("amp", [False, True])

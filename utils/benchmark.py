@@ -157,6 +157,9 @@ def print_formats(rows: list[dict[str, Any]], imgsz: int) -> None:
 
 
 # ------------------------------------------------------------------------------------ inference speed
+PROFILED_VARIANT = "+ packed weights (.pt default)"  # the path whose time --speed also breaks down
+
+
 @dataclass
 class SpeedRow:
     variant: str
@@ -164,6 +167,7 @@ class SpeedRow:
     ms: float
     gflops: float  # model FLOPs per image (fp32 eager count)
     peak_gflops: float
+    shares: dict[str, float] | None = None  # where the wall time goes (time_shares), profiled rows only
 
     @property
     def efficiency(self) -> float:
@@ -195,7 +199,7 @@ def _eager_variants(model: nn.Module, compile: bool) -> dict[str, Callable[[torc
     bf16_name = "bf16 autocast (--half)" if native_bf16 else "bf16 autocast (emulated)"
     variants = {"eager fp32 unfused": unfused, "eager fp32 fused": fused,
                 "fused + channels_last": _runner(fused_cl, "cpu", True),
-                "+ packed weights (.pt default)": _runner(packed, "cpu", True),
+                PROFILED_VARIANT: _runner(packed, "cpu", True),
                 "bf16 autocast, not packed": _runner(fused_cl, "cpu", True, torch.bfloat16),
                 bf16_name: _runner(packed, "cpu", True, torch.bfloat16)}  # fmt: skip
     if compile:
@@ -260,9 +264,30 @@ def inference_speed(cfg: str, sizes: list[int], runs: int = 10, onnx: bool = Tru
         for name, fn in variants.items():
             with torch.inference_mode():
                 ms = median_seconds(lambda fn=fn, x=x: fn(x), runs=runs) * 1e3
-            rows.append(SpeedRow(name, s, ms, gflops, peak))
+            shares = time_shares(fn, x) if name == PROFILED_VARIANT else None
+            rows.append(SpeedRow(name, s, ms, gflops, peak, shares))
             LOGGER.info(f"  {name:<34} {s:>4}  {ms:8.1f} ms")
     return rows
+
+
+def time_shares(fn: Callable[[torch.Tensor], Any], x: torch.Tensor, runs: int = 5) -> dict[str, float]:
+    """Fractions of the wall time of ``runs`` calls fn(x) under ``torch.profiler``: in convolutions, in
+    other operators, and outside any operator (the Python between layers, dispatch, the profiler's own
+    cost). Operators' own (self) times are summed, so nested calls are not counted twice."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with torch.inference_mode():
+        fn(x)  # packs, allocates: not part of the steady state
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            t0 = time.perf_counter()
+            for _ in range(runs):
+                fn(x)
+            wall = time.perf_counter() - t0
+    events = prof.key_averages()
+    ops = sum(e.self_cpu_time_total for e in events) / 1e6
+    conv = sum(e.self_cpu_time_total for e in events if "convolution" in e.key) / 1e6
+    return {"convolutions": conv / wall, "other operators": (ops - conv) / wall,
+            "outside operators": max(wall - ops, 0.0) / wall}  # fmt: skip
 
 
 def print_speed(rows: list[SpeedRow], cfg: str) -> None:
@@ -275,6 +300,10 @@ def print_speed(rows: list[SpeedRow], cfg: str) -> None:
     for r in rows:
         LOGGER.info(f"{r.variant:<36}{r.imgsz:>5}{r.gflops:>9.2f}{r.ms:>9.1f}{r.gflops / r.ms * 1e3:>9.1f}"
                     f"{r.efficiency:>8.0%}{base[r.imgsz] / r.ms:>8.2f}x")  # fmt: skip
+    for r in rows:
+        if r.shares:
+            parts = ", ".join(f"{k} {v:.0%}" for k, v in r.shares.items())
+            LOGGER.info(f"Profile of '{r.variant}' at {r.imgsz}: {parts} of the wall time")
 
 
 # ------------------------------------------------------------------------------- throughput by batch
