@@ -17,6 +17,7 @@ steady stream (video, a fixed --imgsz, benchmarks) pays it once.
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import torch
@@ -24,6 +25,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from models.common import Conv
+from utils.general import LOGGER
 
 # Activations oneDNN can apply inside the convolution, by the post-op name its fused kernel takes
 FUSABLE_ACTIVATIONS: dict[type[nn.Module], str] = {nn.SiLU: "swish", nn.ReLU: "relu", nn.Sigmoid: "sigmoid"}
@@ -32,6 +34,22 @@ FUSABLE_ACTIVATIONS: dict[type[nn.Module], str] = {nn.SiLU: "swish", nn.ReLU: "r
 def packing_supported() -> bool:
     """Whether this PyTorch build has oneDNN's pre-packed convolution ops."""
     return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_convolution_pointwise")
+
+
+def reorder_weight(weight: torch.Tensor, padding: tuple[int, ...], stride: tuple[int, ...],
+                   dilation: tuple[int, ...], groups: int, input_shape: torch.Size) -> torch.Tensor:  # fmt: skip
+    """``weight`` (O, I/groups, kH, kW) in the blocked layout oneDNN picks for inputs of ``input_shape``."""
+    return torch.ops.mkldnn._reorder_convolution_weight(
+        weight, padding, stride, dilation, groups, list(input_shape)
+    )
+
+
+def convolution(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None, padding: tuple[int, ...],
+                stride: tuple[int, ...], dilation: tuple[int, ...], groups: int, post_op: str) -> torch.Tensor:  # fmt: skip
+    """oneDNN convolution of NHWC/NCHW ``x`` with pre-packed weights, then ``post_op`` ("none", "swish", ...)."""
+    return torch.ops.mkldnn._convolution_pointwise(
+        x, packed, bias, padding, stride, dilation, groups, post_op, [], ""
+    )
 
 
 class PackedConv2d(nn.Module):
@@ -59,29 +77,40 @@ class PackedConv2d(nn.Module):
         self._packed: torch.Tensor | None = None  # oneDNN opaque tensor: never saved, copied or pickled
         self._bias: torch.Tensor | None = None  # the bias in the packed dtype
         self._packed_for: tuple[Any, ...] | None = None
+        self._failed = False  # oneDNN refused once: plain F.conv2d from then on
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        dtype = self._compute_dtype(x)
-        if dtype is None:
-            y = F.conv2d(x, self.weight, self.bias, self.stride, self.padding, self.dilation, self.groups)
-            return self.activation(y)
+        dtype = None if self._failed else self._compute_dtype(x)
+        if dtype is not None:
+            try:
+                return self._packed_forward(x, dtype)
+            except RuntimeError as e:  # a oneDNN build or CPU without these kernels: plain from now on
+                self._failed, self._packed, self._packed_for = True, None, None
+                _warn_unavailable(str(e).splitlines()[0] if str(e) else type(e).__name__)
+        y = F.conv2d(x, self.weight, self.bias, self.stride, self.padding, self.dilation, self.groups)
+        return self.activation(y)
+
+    def _packed_forward(self, x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         key = (tuple(x.shape), dtype, _version(self.weight), _version(self.bias))
         if key != self._packed_for:  # a new input shape or dtype, or weights changed in place
+            self._packed_for = None  # until the new copy exists
             weight = self.weight.detach().to(dtype)
-            self._packed = torch.ops.mkldnn._reorder_convolution_weight(
-                weight, self.padding, self.stride, self.dilation, self.groups, list(x.shape)
+            self._packed = reorder_weight(
+                weight, self.padding, self.stride, self.dilation, self.groups, x.shape
             )
             self._bias = None if self.bias is None else self.bias.detach().to(dtype)
             self._packed_for = key
-        return torch.ops.mkldnn._convolution_pointwise(
+        return convolution(
             x.to(dtype), self._packed, self._bias, self.padding, self.stride, self.dilation, self.groups,
-            self.post_op, [], "",
+            self.post_op,
         )  # fmt: skip
 
     def _compute_dtype(self, x: torch.Tensor) -> torch.dtype | None:
         """fp32, or bf16 under CPU bf16 autocast (as autocast would run a Conv2d); None: not packable."""
         if x.device.type != "cpu" or x.dim() != 4 or self.weight.dtype != torch.float32:
             return None
+        if x.shape[1] != self.in_channels:
+            return None  # F.conv2d raises its clear error; packing stays on for later, valid inputs
         if torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad):
             return None  # training: the differentiable path
         if not torch.is_autocast_enabled("cpu"):
@@ -97,6 +126,12 @@ class PackedConv2d(nn.Module):
     def extra_repr(self) -> str:
         return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}, "
                 f"padding={self.padding}, groups={self.groups}, post_op={self.post_op}")  # fmt: skip
+
+
+@functools.cache
+def _warn_unavailable(reason: str) -> None:
+    """One warning per distinct reason, not one per layer."""
+    LOGGER.warning(f"WARNING: pre-packed oneDNN convolution failed ({reason}); those layers run plain Conv2d")
 
 
 def _fused_conv_block(m: nn.Module) -> bool:

@@ -10,6 +10,7 @@ import pytest
 import torch
 import torch.nn as nn
 
+import models.packed as packed_module
 from models.backend import AutoBackend
 from models.common import Conv
 from models.packed import PackedConv2d, pack_convolutions, packing_supported
@@ -123,3 +124,30 @@ def test_autobackend_packs_a_cpu_pt_model_unless_compiled(monkeypatch, tiny_chec
     assert all(m._packed is None for m in packed)
     torch.testing.assert_close(eager(x), expected, rtol=1e-4, atol=1e-3)
     assert all(m._packed is not None for m in packed)  # the packed path ran, not the F.conv2d fallback
+
+
+def test_a_failing_onednn_call_falls_back_to_conv2d_with_one_warning(monkeypatch, project_log):
+    def refuse(*args, **kwargs):
+        raise RuntimeError("could not create a primitive descriptor")
+
+    monkeypatch.setattr(packed_module, "convolution", refuse)
+    packed_module._warn_unavailable.cache_clear()
+    convs = [nn.Conv2d(4, 4, 3, padding=1).eval() for _ in range(2)]
+    layers = [PackedConv2d(c, nn.ReLU()) for c in convs]
+    x = _nhwc(1, 4, 8, 8)
+    with torch.inference_mode():
+        for _ in range(2):
+            for conv, layer in zip(convs, layers):
+                torch.testing.assert_close(layer(x), torch.relu(conv(x)))
+    assert all(layer._failed for layer in layers)
+    assert sum("pre-packed oneDNN convolution failed" in line for line in project_log) == 1
+
+
+def test_wrong_input_channels_raise_torchs_error_and_keep_packing():
+    layer = PackedConv2d(nn.Conv2d(4, 4, 1).eval())
+    with torch.inference_mode(), pytest.raises(RuntimeError, match="channels"):
+        layer(_nhwc(1, 3, 8, 8))
+    assert not layer._failed
+    with torch.inference_mode():
+        layer(_nhwc(1, 4, 8, 8))
+    assert layer._packed is not None
