@@ -1,4 +1,4 @@
-"""Convolutions for fp32 CPU inference with weights laid out once for oneDNN, not on every call.
+"""Convolutions for CPU inference (fp32, or bf16 under --half) with weights laid out once for oneDNN.
 
 PyTorch's eager CPU convolution hands oneDNN its weights in the plain (O, I, kH, kW) layout, and
 oneDNN reorders them into the blocked layout its kernel wants on every call. Where a layer has many
@@ -10,9 +10,9 @@ that keeps the reordered copy and calls oneDNN's fused convolution (+ activation
 yolov5-resnet50-cbam at 320, batch 1, 2 threads, 100 -> 77 ms (``python benchmarks.py --speed``).
 
 The blocked layout oneDNN picks depends on the input shape, and weights packed for one shape are
-slower than plain ones at another, so a layer repacks when its input shape changes. A repack costs
-about what eager pays on every call, so a run of changing shapes is no slower than eager and a
-steady stream (video, a fixed --imgsz, benchmarks) pays it once.
+slower than plain ones at another, so a layer repacks when its input shape changes. A repack is the
+reorder eager does inside every call, so a run of ever-changing shapes costs about what eager
+costs, and a steady stream (video, a fixed --imgsz, val.py's aspect-sorted batches) pays it rarely.
 """
 
 from __future__ import annotations
