@@ -64,7 +64,7 @@ class PackedConv2d(nn.Module):
 
     def __init__(self, conv: nn.Conv2d, activation: nn.Module | None = None):
         super().__init__()
-        if conv.padding_mode != "zeros" or isinstance(conv.padding, str):
+        if not _explicit_zero_padding(conv):
             raise ValueError(
                 f"PackedConv2d needs explicit zero padding, got {conv.padding!r} / {conv.padding_mode}"
             )
@@ -134,9 +134,19 @@ def _warn_unavailable(reason: str) -> None:
     LOGGER.warning(f"WARNING: pre-packed oneDNN convolution failed ({reason}); those layers run plain Conv2d")
 
 
+def _explicit_zero_padding(conv: nn.Conv2d) -> bool:
+    """What oneDNN's packed convolution takes: zero padding given as numbers, not "same"/"valid"."""
+    return conv.padding_mode == "zeros" and not isinstance(conv.padding, str)
+
+
 def _fused_conv_block(m: nn.Module) -> bool:
     """A ``Conv`` block whose BatchNorm is folded in: conv -> act."""
-    return isinstance(m, Conv) and type(m.conv) is nn.Conv2d and isinstance(m.bn, nn.Identity)
+    return (
+        isinstance(m, Conv)
+        and type(m.conv) is nn.Conv2d
+        and _explicit_zero_padding(m.conv)
+        and isinstance(m.bn, nn.Identity)
+    )
 
 
 def _version(t: torch.Tensor | None) -> int | None:
@@ -148,7 +158,8 @@ def pack_convolutions(model: nn.Module) -> int:
     """Replace every Conv2d in a fused, eval-mode model with a PackedConv2d, in place; returns how many.
 
     The activation of a ``Conv`` block (SiLU, ReLU or Sigmoid) moves into its convolution. Use on
-    fp32 CPU inference models after ``fuse()``; torch.compile packs by itself and needs the plain model.
+    fp32 CPU inference models after ``fuse()`` (bf16 under autocast packs too); torch.compile packs by
+    itself and needs the plain model.
     """
     if not packing_supported():
         return 0
@@ -158,11 +169,7 @@ def pack_convolutions(model: nn.Module) -> int:
             parent.conv, parent.act = PackedConv2d(parent.conv, parent.act), nn.Identity()
             count += 1
         for name, child in list(parent.named_children()):
-            if (
-                type(child) is nn.Conv2d
-                and child.padding_mode == "zeros"
-                and not isinstance(child.padding, str)
-            ):
+            if type(child) is nn.Conv2d and _explicit_zero_padding(child):
                 setattr(parent, name, PackedConv2d(child))
                 count += 1
     return count
