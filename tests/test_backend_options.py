@@ -67,9 +67,7 @@ def test_decode_of_bf16_maps_is_fp32():
 def test_compile_wraps_plain_forward_only(monkeypatch, tiny_checkpoint: Path):
     calls = []
 
-    def fake_compile(model, options=None):
-        assert options == {"freezing": True}  # weights are constants: oneDNN packing and fusion
-
+    def fake_compile(model):
         def compiled(x):
             calls.append(tuple(x.shape))
             return model(x)
@@ -85,6 +83,25 @@ def test_compile_wraps_plain_forward_only(monkeypatch, tiny_checkpoint: Path):
     assert calls == [(1, 3, 64, 64)]
     _predict(backend, x, augment=True)  # test-time augmentation runs the eager model
     assert len(calls) == 1
+
+
+def test_compile_for_inference_freezes_the_weights():
+    """A real compile: the weights are constants of the graph (what lets inductor pre-pack and fuse
+    them), so changing them after the first call changes nothing; with the freezing flag set too
+    late for Dynamo they stay graph inputs and the output follows them. Calls need no no_grad."""
+    torch._dynamo.reset()
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3, padding=1), torch.nn.SiLU()).eval()
+    x = torch.rand(1, 3, 8, 8)
+    run = torch_utils.compile_for_inference(model)
+    first = run(x)
+    assert not first.requires_grad
+    with torch.no_grad():
+        torch.testing.assert_close(first, model(x))
+        model[0].weight.add_(1.0)
+        changed = model(x)
+    assert not torch.allclose(changed, first)
+    torch.testing.assert_close(run(x), first, rtol=0, atol=0)
+    torch._dynamo.reset()
 
 
 def test_retain_freed_memory_sets_glibc_malloc_options_or_changes_nothing(monkeypatch):
