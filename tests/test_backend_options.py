@@ -67,7 +67,7 @@ def test_decode_of_bf16_maps_is_fp32():
 def test_compile_wraps_plain_forward_only(monkeypatch, tiny_checkpoint: Path):
     calls = []
 
-    def fake_compile(model):
+    def fake_compile(model, **kwargs):
         def compiled(x):
             calls.append(tuple(x.shape))
             return model(x)

@@ -81,7 +81,7 @@ def test_throughput_table_rows_per_variant_and_batch(monkeypatch, project_log):
     from utils import benchmark
 
     compiled = []
-    monkeypatch.setattr(torch, "compile", lambda m, options=None: compiled.append(m) or m)
+    monkeypatch.setattr(torch, "compile", lambda m, **kwargs: compiled.append(m) or m)
     monkeypatch.setattr(benchmark, "half_dtype", lambda device: None)
     rows = benchmark.throughput_table("yolov5n.yaml", 64, "cpu", batches=(1, 2), runs=1)
     variants = [

@@ -113,7 +113,7 @@ def test_pack_convolutions_keeps_outputs_state_dict_copy_and_pickle():
 
 
 def test_autobackend_packs_a_cpu_pt_model_unless_compiled(monkeypatch, tiny_checkpoint: Path):
-    monkeypatch.setattr(torch, "compile", lambda model, options=None: model)
+    monkeypatch.setattr(torch, "compile", lambda model, **kwargs: model)
     eager = AutoBackend(tiny_checkpoint)
     compiled = AutoBackend(tiny_checkpoint, compile=True)
     assert any(isinstance(m, PackedConv2d) for m in eager.model.modules())

@@ -130,12 +130,14 @@ def compile_for_inference(model: nn.Module) -> Callable[..., Any]:
     plain compilation cannot do (yolov5-resnet50-cbam at 320, batch 1, 2 cores: 93 -> 69 ms). Dynamo
     reads the freezing flag while it traces, at the first call of each new input shape, and only with
     gradients off; ``torch.compile(options=...)`` would set it later, for inductor alone, and leave the
-    weights as graph inputs. So every call runs under ``no_grad`` with the flag set. The model's
-    weights must not change after the first call: the compiled graph keeps the values it saw.
+    weights as graph inputs. So every call runs under ``no_grad`` with the flag set. Each new input
+    shape compiles a static graph (a dynamic one would not know the shapes oneDNN packs weights for);
+    past Dynamo's recompile limit (8 shapes) further shapes run eager. The weights must not change
+    after the first call: the compiled graph keeps the values it saw.
     """
     import torch._inductor.config as inductor_config  # imported on use: heavy, and --compile is rare
 
-    compiled = torch.compile(model)
+    compiled = torch.compile(model, dynamic=False)  # static shapes: oneDNN packs weights per shape
 
     def run(*args: Any, **kwargs: Any) -> Any:
         with torch.no_grad(), inductor_config.patch(freezing=True):
