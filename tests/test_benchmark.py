@@ -168,6 +168,9 @@ def test_speed_rows_include_the_compiled_paths(monkeypatch, bf16):
     profiled = [r for r in rows if r.shares]  # the .pt default path, broken down by a profiler trace
     assert [r.variant for r in profiled] == [benchmark.PROFILED_VARIANT]
     shares = profiled[0].shares
+    alone = profiled[0].conv_alone  # every convolution found and timed alone: all the model's FLOPs
+    assert set(alone) == {"1x1", "3x3", "6x6"} and all(t > 0 for t, _ in alone.values())  # 6x6: the stem
+    assert sum(f for _, f in alone.values()) == pytest.approx(profiled[0].gflops * 1e9, rel=1e-6)
     assert shares["convolutions"] > 0 and shares["other operators"] > 0
     assert sum(shares.values()) == pytest.approx(1.0, abs=0.02) or shares["outside operators"] == 0.0
 
@@ -193,3 +196,17 @@ def test_train_speed_reports_loader_model_and_total_against_the_limit(
     benchmark.print_train_speed("yolov5n.yaml", 64, 2, r)
     bound = [line for line in project_log if "bf16 GEMM peak 400 GFLOP/s" in line]
     assert len(bound) == amp
+
+
+def test_print_speed_sets_convolutions_alone_beside_the_goal(project_log):
+    from utils.benchmark import PROFILED_VARIANT, print_speed
+
+    shares = {"convolutions": 0.8, "other operators": 0.15, "outside operators": 0.05}
+    rows = [SpeedRow("eager fp32 unfused", 320, 100.0, 30.0, 500.0),
+            SpeedRow(PROFILED_VARIANT, 320, 80.0, 30.0, 500.0, shares,
+                     conv_alone={"1x1": (0.02, 5e9), "3x3": (0.04, 25e9)})]  # fmt: skip
+    print_speed(rows, "m.yaml")
+    line = next(m for m in project_log if "timed one by one" in m)
+    # 30 GFLOPs in 60 ms = 500 GFLOP/s = the peak; 80% of 80 ms in the model; 30 / (0.9 * 500) s = 66.7 ms
+    assert "60.0 ms timed one by one" in line and "(100% of peak; by kernel 1x1 50%, 3x3 125%)" in line
+    assert "about 64.0 ms inside the model" in line and "whole pass is 66.7 ms" in line

@@ -168,6 +168,7 @@ class SpeedRow:
     gflops: float  # model FLOPs per image (fp32 eager count)
     peak_gflops: float
     shares: dict[str, float] | None = None  # where the wall time goes (time_shares), profiled rows only
+    conv_alone: dict[str, tuple[float, float]] | None = None  # convolutions_alone, profiled rows only
 
     @property
     def efficiency(self) -> float:
@@ -187,14 +188,20 @@ def _runner(model: Callable[[torch.Tensor], Any], device_type: str, channels_las
     return run
 
 
+def _packed_copy(model: nn.Module) -> nn.Module:
+    """What a .pt model runs as on a CPU: fused, channels_last, convolution weights pre-packed."""
+    packed = copy.deepcopy(model).eval().fuse().to(memory_format=torch.channels_last)
+    pack_convolutions(packed)
+    return packed
+
+
 def _eager_variants(model: nn.Module, compile: bool) -> dict[str, Callable[[torch.Tensor], Any]]:
     """The .pt paths: eager fp32 unfused / fused / channels_last / pre-packed, bf16 autocast (--half)
     and, with ``compile``, torch.compile with frozen weights (--compile), fp32 and under bf16 autocast."""
     unfused = copy.deepcopy(model).eval()
     fused = copy.deepcopy(model).eval().fuse()
     fused_cl = copy.deepcopy(fused).to(memory_format=torch.channels_last)
-    packed = copy.deepcopy(fused_cl)
-    pack_convolutions(packed)
+    packed = _packed_copy(model)
     native_bf16 = cpu_bf16_supported()
     bf16_name = "bf16 autocast (--half)" if native_bf16 else "bf16 autocast (emulated)"
     variants = {"eager fp32 unfused": unfused, "eager fp32 fused": fused,
@@ -264,8 +271,13 @@ def inference_speed(cfg: str, sizes: list[int], runs: int = 10, onnx: bool = Tru
         for name, fn in variants.items():
             with torch.inference_mode():
                 ms = median_seconds(lambda fn=fn, x=x: fn(x), runs=runs) * 1e3
-            shares = time_shares(fn, x) if name == PROFILED_VARIANT else None
-            rows.append(SpeedRow(name, s, ms, gflops, peak, shares))
+            shares = alone = None
+            if name == PROFILED_VARIANT:
+                shares = time_shares(fn, x)
+                alone = convolutions_alone(
+                    _packed_copy(model), x.contiguous(memory_format=torch.channels_last)
+                )
+            rows.append(SpeedRow(name, s, ms, gflops, peak, shares, alone))
             LOGGER.info(f"  {name:<34} {s:>4}  {ms:8.1f} ms")
     return rows
 
@@ -290,6 +302,34 @@ def time_shares(fn: Callable[[torch.Tensor], Any], x: torch.Tensor, runs: int = 
             "outside operators": max(wall - ops, 0.0) / wall}  # fmt: skip
 
 
+def convolutions_alone(model: nn.Module, x: torch.Tensor, runs: int = 10) -> dict[str, tuple[float, float]]:
+    """Seconds and FLOPs of model(x)'s convolutions by kernel size ("1x1", "3x3", ...), each convolution
+    timed on its own (median of ``runs``) on the input it gets in the forward pass, summed: their time
+    with warm caches and nothing between them, to set beside their share of the model's own time."""
+    seen: list[tuple[nn.Module, torch.Tensor, torch.Size]] = []
+
+    def record(conv: nn.Module, args: tuple[torch.Tensor, ...], out: torch.Tensor) -> None:
+        seen.append((conv, args[0], out.shape))
+
+    convs = [m for m in model.modules() if isinstance(m, (nn.Conv2d, PackedConv2d))]
+    hooks = [m.register_forward_hook(record) for m in convs]
+    try:
+        with torch.inference_mode():
+            model(x)
+    finally:
+        for h in hooks:
+            h.remove()
+    totals: dict[str, tuple[float, float]] = {}
+    with torch.inference_mode():
+        for conv, inp, out_shape in seen:
+            seconds = median_seconds(lambda conv=conv, inp=inp: conv(inp), runs=runs)
+            flops = 2 * out_shape.numel() * conv.weight[0].numel()  # (C_in / groups) * kH * kW MACs each
+            kernel = "x".join(map(str, conv.weight.shape[2:]))
+            t, f = totals.get(kernel, (0.0, 0.0))
+            totals[kernel] = (t + seconds, f + flops)
+    return dict(sorted(totals.items()))
+
+
 def print_speed(rows: list[SpeedRow], cfg: str) -> None:
     peak = rows[0].peak_gflops if rows else float("nan")
     LOGGER.info(
@@ -304,6 +344,17 @@ def print_speed(rows: list[SpeedRow], cfg: str) -> None:
         if r.shares:
             parts = ", ".join(f"{k} {v:.0%}" for k, v in r.shares.items())
             LOGGER.info(f"Profile of '{r.variant}' at {r.imgsz}: {parts} of the wall time")
+        if r.conv_alone:
+            seconds = sum(t for t, _ in r.conv_alone.values())
+            flops = sum(f for _, f in r.conv_alone.values())
+            in_model = r.shares["convolutions"] * r.ms if r.shares else float("nan")
+            kinds = ", ".join(f"{k} {f / t / 1e9 / r.peak_gflops:.0%}" for k, (t, f) in r.conv_alone.items())
+            LOGGER.info(
+                f"  its {flops / 1e9:.2f} GFLOPs of convolutions: {seconds * 1e3:.1f} ms timed one by one on "
+                f"their own inputs ({flops / seconds / 1e9 / r.peak_gflops:.0%} of peak; by kernel {kinds}), "
+                f"about {in_model:.1f} ms inside the model; 90% of peak for the whole pass is "
+                f"{r.gflops / (0.9 * r.peak_gflops) * 1e3:.1f} ms"
+            )
 
 
 # ------------------------------------------------------------------------------- throughput by batch
