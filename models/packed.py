@@ -24,7 +24,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from models.common import Conv
+from models.common import Conv, ResNetBottleneck
 from utils.general import LOGGER
 
 # Activations oneDNN can apply inside the convolution, by the post-op name its fused kernel takes
@@ -49,6 +49,15 @@ def convolution(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None
     """oneDNN convolution of NHWC/NCHW ``x`` with pre-packed weights, then ``post_op`` ("none", "swish", ...)."""
     return torch.ops.mkldnn._convolution_pointwise(
         x, packed, bias, padding, stride, dilation, groups, post_op, [], ""
+    )
+
+
+def convolution_add_relu_(out: torch.Tensor, x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None,
+                          padding: tuple[int, ...], stride: tuple[int, ...], dilation: tuple[int, ...],
+                          groups: int) -> torch.Tensor:  # fmt: skip
+    """relu(convolution(x) + out) written into ``out`` by one oneDNN call (a sum post-op, then ReLU)."""
+    return torch.ops.mkldnn._convolution_pointwise_(
+        out, x, packed, bias, padding, stride, dilation, groups, "add", 1.0, "relu", [], ""
     )
 
 
@@ -91,6 +100,13 @@ class PackedConv2d(nn.Module):
         return self.activation(y)
 
     def _packed_forward(self, x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        self._pack_for(x, dtype)
+        return convolution(
+            x.to(dtype), self._packed, self._bias, self.padding, self.stride, self.dilation, self.groups,
+            self.post_op,
+        )  # fmt: skip
+
+    def _pack_for(self, x: torch.Tensor, dtype: torch.dtype) -> None:
         key = (tuple(x.shape), dtype, _version(self.weight), _version(self.bias))
         if key != self._packed_for:  # a new input shape or dtype, or weights changed in place
             self._packed_for = None  # until the new copy exists
@@ -100,10 +116,43 @@ class PackedConv2d(nn.Module):
             )
             self._bias = None if self.bias is None else self.bias.detach().to(dtype)
             self._packed_for = key
-        return convolution(
-            x.to(dtype), self._packed, self._bias, self.padding, self.stride, self.dilation, self.groups,
-            self.post_op,
-        )  # fmt: skip
+
+    def add_relu_into(self, x: torch.Tensor, out: torch.Tensor) -> bool:
+        """Write relu(conv(x) + out) into ``out`` with one oneDNN call (its sum post-op adds the
+        convolution to what ``out`` holds), ``self.activation`` aside. Returns False, changing nothing,
+        where the packed path does not apply: see ``forward``, or ``out`` not the convolution's output
+        shape, dtype and memory layout."""
+        dtype = None if self._failed else self._compute_dtype(x)
+        if dtype is None or out.dtype != dtype or (torch.is_grad_enabled() and out.requires_grad):
+            return False
+        if out.shape != self._output_shape(x) or _layout(out) is None or _layout(out) != _layout(x):
+            return False
+        try:
+            self._pack_for(x, dtype)
+            convolution_add_relu_(
+                out,
+                x.to(dtype),
+                self._packed,
+                self._bias,
+                self.padding,
+                self.stride,
+                self.dilation,
+                self.groups,
+            )
+        except RuntimeError as e:  # refused before computing anything: the plain path from now on
+            self._failed, self._packed, self._packed_for = True, None, None
+            _warn_unavailable(str(e).splitlines()[0] if str(e) else type(e).__name__)
+            return False
+        return True
+
+    def _output_shape(self, x: torch.Tensor) -> torch.Size:
+        spatial = [
+            (size + 2 * pad - dil * (k - 1) - 1) // stride + 1
+            for size, pad, dil, k, stride in zip(
+                x.shape[2:], self.padding, self.dilation, self.kernel_size, self.stride
+            )
+        ]
+        return torch.Size([x.shape[0], self.out_channels, *spatial])
 
     def _compute_dtype(self, x: torch.Tensor) -> torch.dtype | None:
         """fp32, or bf16 under CPU bf16 autocast (as autocast would run a Conv2d); None: not packable."""
@@ -149,9 +198,59 @@ def _fused_conv_block(m: nn.Module) -> bool:
     )
 
 
+def _layout(t: torch.Tensor) -> str | None:
+    """ "nhwc" or "nchw" for a dense 4-D tensor in that layout (nhwc when both fit), None otherwise."""
+    if t.is_contiguous(memory_format=torch.channels_last):
+        return "nhwc"
+    return "nchw" if t.is_contiguous() else None
+
+
 def _version(t: torch.Tensor | None) -> int | None:
     """In-place change counter of a parameter; None for inference-mode tensors, which keep none."""
     return None if t is None or t.is_inference() else t._version
+
+
+class PackedBottleneck(nn.Module):
+    """A fused ``ResNetBottleneck`` for packed inference: ReLU runs inside conv1 and conv2, and conv3
+    adds the residual and applies the last ReLU in the same oneDNN call, writing into the residual's
+    buffer, so the block's largest maps get no separate addition and ReLU passes.
+
+    That buffer is the downsample's output or, with ``owns_input``, the block's own input, which is
+    then overwritten: only for a block whose input nothing else holds (a block after the first of a
+    ResNet stage receives the previous block's output). Without such a buffer, with attention before
+    the residual addition, or where conv3 does not run packed (gradients, other dtypes), it computes
+    what ResNetBottleneck computes. Parameter names are the block's, so ``state_dict`` is unchanged.
+    """
+
+    def __init__(self, block: ResNetBottleneck, owns_input: bool):
+        super().__init__()
+        self.conv1 = PackedConv2d(block.conv1, nn.ReLU(inplace=True))
+        self.conv2 = PackedConv2d(block.conv2, nn.ReLU(inplace=True))
+        self.conv3 = PackedConv2d(block.conv3)
+        self.attention = block.attention
+        self.downsample = block.downsample
+        if self.downsample is not None:
+            self.downsample[0] = PackedConv2d(self.downsample[0])
+        self.owns_input = owns_input
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        identity = x if self.downsample is None else self.downsample(x)
+        y = self.conv2(self.conv1(x))
+        writable = identity is not x or self.owns_input
+        if writable and isinstance(self.attention, nn.Identity) and self.conv3.add_relu_into(y, identity):
+            return identity
+        return F.relu(self.attention(self.conv3(y)) + identity)
+
+
+def _fused_bottleneck(m: nn.Module) -> bool:
+    """A ``ResNetBottleneck`` whose BatchNorms are folded in, with explicitly zero-padded convolutions."""
+    if not isinstance(m, ResNetBottleneck):
+        return False
+    convs = [m.conv1, m.conv2, m.conv3] + ([] if m.downsample is None else [m.downsample[0]])
+    norms = [m.bn1, m.bn2, m.bn3] + ([] if m.downsample is None else [m.downsample[1]])
+    return all(type(c) is nn.Conv2d and _explicit_zero_padding(c) for c in convs) and all(
+        isinstance(n, nn.Identity) for n in norms
+    )
 
 
 def pack_convolutions(model: nn.Module) -> int:
@@ -164,6 +263,14 @@ def pack_convolutions(model: nn.Module) -> int:
     if not packing_supported():
         return 0
     count = 0
+    for parent in list(model.modules()):
+        children = list(parent.named_children())
+        for i, (name, child) in enumerate(children):
+            if _fused_bottleneck(child):
+                follows_block = i > 0 and isinstance(children[i - 1][1], ResNetBottleneck)
+                owns_input = isinstance(parent, nn.Sequential) and follows_block  # input: the previous output
+                setattr(parent, name, PackedBottleneck(child, owns_input))
+                count += 3 + (child.downsample is not None)
     for parent in list(model.modules()):
         if _fused_conv_block(parent) and type(parent.act) in FUSABLE_ACTIVATIONS:
             parent.conv, parent.act = PackedConv2d(parent.conv, parent.act), nn.Identity()

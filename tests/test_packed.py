@@ -12,8 +12,8 @@ import torch.nn as nn
 
 import models.packed as packed_module
 from models.backend import AutoBackend
-from models.common import Conv
-from models.packed import PackedConv2d, pack_convolutions, packing_supported
+from models.common import Conv, ResNetStage
+from models.packed import PackedBottleneck, PackedConv2d, pack_convolutions, packing_supported
 from models.yolo import DetectionModel
 from utils.benchmark import trained_like
 
@@ -151,3 +151,98 @@ def test_wrong_input_channels_raise_torchs_error_and_keep_packing():
     with torch.inference_mode():
         layer(_nhwc(1, 4, 8, 8))
     assert layer._packed is not None
+
+
+def _fused_stage(c1: int, c2: int, blocks: int, stride: int = 1, attention: str | None = None) -> nn.Module:
+    stage = trained_like(ResNetStage(c1, c2, blocks, stride, attention).eval())
+    for block in stage:
+        block.fuse()
+    return stage.to(memory_format=torch.channels_last)
+
+
+def _spy_on_fused_additions(monkeypatch) -> list[bool]:
+    """Results of PackedConv2d.add_relu_into calls: True where oneDNN added the residual in the conv."""
+    results, original = [], PackedConv2d.add_relu_into
+
+    def spy(self, x, out):
+        results.append(original(self, x, out))
+        return results[-1]
+
+    monkeypatch.setattr(PackedConv2d, "add_relu_into", spy)
+    return results
+
+
+def test_packed_bottlenecks_add_the_residual_inside_conv3_and_overwrite_only_their_own_buffers(monkeypatch):
+    """Block 0 writes into its downsample's output, later blocks into their input (the previous block's
+    output); the stage's input is never written, and the stage computes what the fused stage does."""
+    stage = _fused_stage(64, 256, 3, stride=2)
+    packed = copy.deepcopy(stage)
+    assert pack_convolutions(packed) == 3 * 3 + 1
+    assert [type(b) for b in packed] == [PackedBottleneck] * 3
+    assert [b.owns_input for b in packed] == [False, True, True]
+    assert list(packed.state_dict()) == list(stage.state_dict())
+    fused = _spy_on_fused_additions(monkeypatch)
+    x = _nhwc(1, 64, 16, 16)
+    before = x.clone()
+    with torch.inference_mode():
+        torch.testing.assert_close(packed(x), stage(x), rtol=1e-4, atol=1e-4)
+    assert fused == [True, True, True]
+    torch.testing.assert_close(x, before, rtol=0, atol=0)
+
+
+def test_a_first_block_without_downsample_leaves_the_stage_input_alone(monkeypatch):
+    stage = _fused_stage(256, 256, 2)  # block 0 adds the stage input itself: not its buffer to write
+    packed = copy.deepcopy(stage)
+    pack_convolutions(packed)
+    fused = _spy_on_fused_additions(monkeypatch)
+    x = _nhwc(1, 256, 8, 8)
+    before = x.clone()
+    with torch.inference_mode():
+        torch.testing.assert_close(packed(x), stage(x), rtol=1e-4, atol=1e-4)
+    assert fused == [True]  # block 1 only; block 0 added with a separate pass
+    torch.testing.assert_close(x, before, rtol=0, atol=0)
+
+
+def test_packed_bottleneck_falls_back_for_gradients_attention_and_bf16(monkeypatch):
+    fused = _spy_on_fused_additions(monkeypatch)
+    stage = _fused_stage(32, 128, 2, stride=2)
+    packed = copy.deepcopy(stage)
+    pack_convolutions(packed)
+    x = _nhwc(1, 32, 8, 8).requires_grad_()
+    y = packed(x)  # gradients needed: F.conv2d and a separate addition
+    y.sum().backward()
+    assert x.grad is not None and fused == [False, False]  # asked, refused
+    torch.testing.assert_close(y, stage(x), rtol=1e-4, atol=1e-4)
+    fused.clear()
+
+    with_attention = _fused_stage(32, 128, 2, stride=2, attention="cbam")  # attention before the addition
+    packed = copy.deepcopy(with_attention)
+    pack_convolutions(packed)
+    with torch.inference_mode():
+        torch.testing.assert_close(packed(x.detach()), with_attention(x.detach()), rtol=1e-4, atol=1e-4)
+    assert fused == []  # not asked
+
+    packed = copy.deepcopy(stage)
+    pack_convolutions(packed)
+    with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16):
+        expected = stage(x.detach())
+        out = packed(x.detach())
+    assert out.dtype == expected.dtype == torch.bfloat16 and fused == [True, True]
+    torch.testing.assert_close(out.float(), expected.float(), rtol=0.05, atol=0.1)
+
+
+def test_a_failing_fused_addition_falls_back_with_one_warning(monkeypatch, project_log):
+    def refuse(*args, **kwargs):
+        raise RuntimeError("could not create a primitive descriptor")
+
+    monkeypatch.setattr(packed_module, "convolution_add_relu_", refuse)
+    packed_module._warn_unavailable.cache_clear()
+    stage = _fused_stage(32, 128, 2, stride=2)
+    packed = copy.deepcopy(stage)
+    pack_convolutions(packed)
+    x = _nhwc(1, 32, 8, 8)
+    with torch.inference_mode():
+        for _ in range(2):
+            torch.testing.assert_close(packed(x), stage(x), rtol=1e-4, atol=1e-4)
+    assert all(block.conv3._failed for block in packed)
+    assert sum("pre-packed oneDNN convolution failed" in line for line in project_log) == 1
