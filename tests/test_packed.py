@@ -246,3 +246,17 @@ def test_a_failing_fused_addition_falls_back_with_one_warning(monkeypatch, proje
             torch.testing.assert_close(packed(x), stage(x), rtol=1e-4, atol=1e-4)
     assert all(block.conv3._failed for block in packed)
     assert sum("pre-packed oneDNN convolution failed" in line for line in project_log) == 1
+
+
+def test_convolutions_alone_finds_every_convolution_of_a_packed_resnet_stage():
+    """conv3 of a packed bottleneck runs inside add_relu_into, not its forward: still timed and counted."""
+    from utils.benchmark import convolutions_alone
+    from utils.torch_utils import count_flops
+
+    stage = _fused_stage(32, 128, 2, stride=2)
+    x = _nhwc(1, 32, 16, 16)
+    flops = count_flops(copy.deepcopy(stage), x)
+    pack_convolutions(stage)
+    alone = convolutions_alone(stage, x, runs=1)
+    assert set(alone) == {"1x1", "3x3"} and all(t > 0 for t, _ in alone.values())
+    assert sum(f for _, f in alone.values()) == pytest.approx(flops, rel=1e-6)

@@ -11,13 +11,14 @@ import statistics
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn as nn
 
-from models.packed import PackedConv2d, pack_convolutions
+from models.packed import PackedBottleneck, PackedConv2d, pack_convolutions
 from utils.general import LOGGER
 from utils.torch_utils import (
     compile_for_inference,
@@ -311,8 +312,20 @@ def convolutions_alone(model: nn.Module, x: torch.Tensor, runs: int = 10) -> dic
     def record(conv: nn.Module, args: tuple[torch.Tensor, ...], out: torch.Tensor) -> None:
         seen.append((conv, args[0], out.shape))
 
-    convs = [m for m in model.modules() if isinstance(m, (nn.Conv2d, PackedConv2d))]
-    hooks = [m.register_forward_hook(record) for m in convs]
+    def record_conv3(
+        conv3: PackedConv2d, conv2: nn.Module, args: tuple[torch.Tensor, ...], out: torch.Tensor
+    ) -> None:
+        seen.append((conv3, out, conv3._output_shape(out)))  # conv3's input is conv2's output
+
+    fused_conv3 = {id(m.conv3) for m in model.modules() if isinstance(m, PackedBottleneck)}
+    hooks = [
+        m.register_forward_hook(record)
+        for m in model.modules()
+        if isinstance(m, (nn.Conv2d, PackedConv2d)) and id(m) not in fused_conv3
+    ]
+    for m in model.modules():
+        if isinstance(m, PackedBottleneck):  # conv3 runs inside add_relu_into, which forward hooks miss
+            hooks.append(m.conv2.register_forward_hook(partial(record_conv3, m.conv3)))
     try:
         with torch.inference_mode():
             model(x)
