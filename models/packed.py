@@ -253,17 +253,19 @@ def _fused_bottleneck(m: nn.Module) -> bool:
     )
 
 
-def pack_convolutions(model: nn.Module) -> int:
+def pack_convolutions(model: nn.Module, bottlenecks: bool = True) -> int:
     """Replace every Conv2d in a fused, eval-mode model with a PackedConv2d, in place; returns how many.
 
-    The activation of a ``Conv`` block (SiLU, ReLU or Sigmoid) moves into its convolution. Use on
-    fp32 CPU inference models after ``fuse()`` (bf16 under autocast packs too); torch.compile packs by
-    itself and needs the plain model.
+    The activation of a ``Conv`` block (SiLU, ReLU or Sigmoid) moves into its convolution, and with
+    ``bottlenecks`` each ResNet bottleneck becomes a ``PackedBottleneck`` (ReLUs and the residual
+    addition inside its convolutions; False leaves its additions and ReLUs separate, for comparison).
+    Use on fp32 CPU inference models after ``fuse()`` (bf16 under autocast packs too); torch.compile
+    packs by itself and needs the plain model.
     """
     if not packing_supported():
         return 0
     count = 0
-    for parent in list(model.modules()):
+    for parent in list(model.modules()) if bottlenecks else []:
         children = list(parent.named_children())
         for i, (name, child) in enumerate(children):
             if _fused_bottleneck(child):

@@ -260,3 +260,14 @@ def test_convolutions_alone_finds_every_convolution_of_a_packed_resnet_stage():
     alone = convolutions_alone(stage, x, runs=1)
     assert set(alone) == {"1x1", "3x3"} and all(t > 0 for t, _ in alone.values())
     assert sum(f for _, f in alone.values()) == pytest.approx(flops, rel=1e-6)
+
+
+def test_pack_convolutions_can_leave_bottleneck_additions_apart():
+    stage = _fused_stage(32, 128, 2, stride=2)
+    packed = copy.deepcopy(stage)
+    assert pack_convolutions(packed, bottlenecks=False) == 2 * 3 + 1
+    assert not any(isinstance(m, PackedBottleneck) for m in packed.modules())
+    assert not any(type(m) is nn.Conv2d for m in packed.modules())
+    x = _nhwc(1, 32, 8, 8)
+    with torch.inference_mode():
+        torch.testing.assert_close(packed(x), stage(x), rtol=1e-4, atol=1e-4)

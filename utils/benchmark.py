@@ -158,7 +158,7 @@ def print_formats(rows: list[dict[str, Any]], imgsz: int) -> None:
 
 
 # ------------------------------------------------------------------------------------ inference speed
-PROFILED_VARIANT = "+ packed weights (.pt default)"  # the path whose time --speed also breaks down
+PROFILED_VARIANT = "+ residual adds fused (.pt default)"  # the path whose time --speed also breaks down
 
 
 @dataclass
@@ -189,10 +189,11 @@ def _runner(model: Callable[[torch.Tensor], Any], device_type: str, channels_las
     return run
 
 
-def _packed_copy(model: nn.Module) -> nn.Module:
-    """What a .pt model runs as on a CPU: fused, channels_last, convolution weights pre-packed."""
+def _packed_copy(model: nn.Module, bottlenecks: bool = True) -> nn.Module:
+    """What a .pt model runs as on a CPU: fused, channels_last, convolution weights pre-packed
+    (``bottlenecks=False``: ResNet residual additions left out of the convolutions)."""
     packed = copy.deepcopy(model).eval().fuse().to(memory_format=torch.channels_last)
-    pack_convolutions(packed)
+    pack_convolutions(packed, bottlenecks)
     return packed
 
 
@@ -207,6 +208,7 @@ def _eager_variants(model: nn.Module, compile: bool) -> dict[str, Callable[[torc
     bf16_name = "bf16 autocast (--half)" if native_bf16 else "bf16 autocast (emulated)"
     variants = {"eager fp32 unfused": unfused, "eager fp32 fused": fused,
                 "fused + channels_last": _runner(fused_cl, "cpu", True),
+                "+ packed weights": _runner(_packed_copy(model, bottlenecks=False), "cpu", True),
                 PROFILED_VARIANT: _runner(packed, "cpu", True),
                 "bf16 autocast, not packed": _runner(fused_cl, "cpu", True, torch.bfloat16),
                 bf16_name: _runner(packed, "cpu", True, torch.bfloat16)}  # fmt: skip
