@@ -8,6 +8,8 @@ GFLOP/s eager and 425 with its weights reordered ahead of time, on a 2-core AVX5
 peak is about 470. ``pack_convolutions`` swaps every Conv2d of a fused model for a ``PackedConv2d``
 that keeps the reordered copy and calls oneDNN's fused convolution (+ activation) directly:
 yolov5-resnet50-cbam at 320, batch 1, 2 threads, 100 -> 77 ms (``python benchmarks.py --speed``).
+ResNet bottlenecks become ``PackedBottleneck``s, whose last convolution also adds the residual and
+applies the ReLU in the same call (another 1-5%).
 
 The blocked layout oneDNN picks depends on the input shape, and weights packed for one shape are
 slower than plain ones at another, so a layer repacks when its input shape changes. A repack is the
@@ -94,8 +96,7 @@ class PackedConv2d(nn.Module):
             try:
                 return self._packed_forward(x, dtype)
             except RuntimeError as e:  # a oneDNN build or CPU without these kernels: plain from now on
-                self._failed, self._packed, self._packed_for = True, None, None
-                _warn_unavailable(str(e).splitlines()[0] if str(e) else type(e).__name__)
+                self._give_up(e)
         y = F.conv2d(x, self.weight, self.bias, self.stride, self.padding, self.dilation, self.groups)
         return self.activation(y)
 
@@ -130,20 +131,17 @@ class PackedConv2d(nn.Module):
         try:
             self._pack_for(x, dtype)
             convolution_add_relu_(
-                out,
-                x.to(dtype),
-                self._packed,
-                self._bias,
-                self.padding,
-                self.stride,
-                self.dilation,
-                self.groups,
-            )
-        except RuntimeError as e:  # refused before computing anything: the plain path from now on
-            self._failed, self._packed, self._packed_for = True, None, None
-            _warn_unavailable(str(e).splitlines()[0] if str(e) else type(e).__name__)
+                out, x.to(dtype), self._packed, self._bias, self.padding, self.stride, self.dilation, self.groups
+            )  # fmt: skip
+        except RuntimeError as e:  # oneDNN refuses while setting up, before it writes: plain from now on
+            self._give_up(e)
             return False
         return True
+
+    def _give_up(self, error: RuntimeError) -> None:
+        """Plain F.conv2d for this layer from now on, with one warning per distinct reason."""
+        self._failed, self._packed, self._packed_for = True, None, None
+        _warn_unavailable(str(error).splitlines()[0] if str(error) else type(error).__name__)
 
     def _output_shape(self, x: torch.Tensor) -> torch.Size:
         spatial = [
@@ -199,7 +197,7 @@ def _fused_conv_block(m: nn.Module) -> bool:
 
 
 def _layout(t: torch.Tensor) -> str | None:
-    """ "nhwc" or "nchw" for a dense 4-D tensor in that layout (nhwc when both fit), None otherwise."""
+    """Layout of a dense 4-D tensor: "nhwc" (also where both fit, as with 1x1 maps), "nchw", or None."""
     if t.is_contiguous(memory_format=torch.channels_last):
         return "nhwc"
     return "nchw" if t.is_contiguous() else None
