@@ -40,6 +40,20 @@ def _save_forever(path: str, weights: torch.Tensor) -> None:
         save_checkpoint(_checkpoint(epoch, weights), path)
 
 
+def test_checkpoints_get_the_permissions_of_any_new_file(tmp_path):
+    """The temp file behind the atomic write is owner-only; the checkpoint must not stay so."""
+    old = os.umask(0o022)
+    try:
+        save_checkpoint({"epoch": 1}, tmp_path / "last.pt")
+        save_checkpoint({"epoch": 2}, tmp_path / "last.pt")  # replacing one as well
+        os.umask(0o027)
+        save_checkpoint({"epoch": 1}, tmp_path / "best.pt")
+    finally:
+        os.umask(old)
+    assert (tmp_path / "last.pt").stat().st_mode & 0o777 == 0o644
+    assert (tmp_path / "best.pt").stat().st_mode & 0o777 == 0o640
+
+
 def test_sigkill_at_random_moments_never_tears_the_checkpoint(tmp_path):
     """Kill a process mid-save 15 times; each time last.pt loads and holds one complete checkpoint."""
     path = tmp_path / "weights" / "last.pt"

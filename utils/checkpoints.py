@@ -87,6 +87,7 @@ def save_checkpoint(ckpt: dict[str, Any], path: str | Path) -> None:
     started = time.time()
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        os.chmod(tmp, _new_file_mode())  # mkstemp makes it owner-only; a checkpoint is an ordinary file
         with os.fdopen(fd, "wb") as f:
             torch.save(ckpt, f)
             f.flush()
@@ -96,6 +97,13 @@ def save_checkpoint(ckpt: dict[str, Any], path: str | Path) -> None:
         Path(tmp).unlink(missing_ok=True)
         raise
     _remove_stale_temps(path, older_than=started)
+
+
+def _new_file_mode() -> int:
+    """The permissions open() would give a new file under this process's umask (0o644 under 022)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask
 
 
 def _remove_stale_temps(path: Path, older_than: float) -> None:
