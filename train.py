@@ -19,7 +19,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from utils.checkpoints import CheckpointError, load_checkpoint  # noqa: E402
-from utils.general import LOGGER, check_file, colorstr, increment_path, print_args, setup_logging, yaml_load  # noqa: E402
+from utils.general import LOGGER, check_file, increment_path, print_args, setup_logging, yaml_load  # noqa: E402
 from utils.trainer import TrainingDiverged  # noqa: E402
 
 LOCAL_RANK = int(os.getenv("LOCAL_RANK", -1))
@@ -130,7 +130,7 @@ def main(opt: argparse.Namespace) -> int:
         opt = check_options(opt)
         check_ddp_options(opt, RANK, WORLD_SIZE)
         if RANK in (-1, 0):
-            print_args(vars(opt), colorstr("train"))
+            print_args(vars(opt), "train")
         device = select_device(opt.device, batch_size=opt.batch_size)
         if opt.evolve:
             from utils.evolve import evolve

@@ -75,6 +75,7 @@ def test_short_training_run_writes_weights_and_results(tiny_data, tmp_path):
     assert out.returncode == 0, out.stderr[-3000:]
     amp = "AMP: bfloat16 autocast" if cpu_bf16_supported() else "AMP: off, fp32: no faster precision on cpu"
     assert amp in out.stdout + out.stderr  # mixed precision by default where the CPU has native bf16
+    assert "\x1b[34m\x1b[1mtrain: \x1b[0mweights=" in out.stdout + out.stderr  # options line, coloured once
     run = tmp_path / "exp"
     for name in ("weights/last.pt", "weights/best.pt", "results.csv", "results.png", "hyp.yaml", "opt.yaml",
                  "labels.jpg", "train_batch0.jpg", "confusion_matrix.png", "PR_curve.png"):  # fmt: skip
