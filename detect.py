@@ -27,6 +27,7 @@ import numpy as np
 import torch
 
 ROOT = Path(__file__).resolve().parent
+DEFAULT_SOURCE = ROOT / "data/images"  # as YOLOv5; this repository ships no sample images
 if str(ROOT) not in sys.path:  # allow `python /path/to/detect.py` from anywhere
     sys.path.insert(0, str(ROOT))
 
@@ -125,7 +126,7 @@ def _infer(backend: AutoBackend, x: torch.Tensor, augment: bool, vis_dir: Path |
 
 def run(
     weights: str | Path | Sequence[str | Path] = ROOT / "yolov5s.pt",
-    source: str | Path = ROOT / "data/images",
+    source: str | Path = DEFAULT_SOURCE,
     data: str | Path | None = None,
     imgsz: int | Sequence[int] = (640, 640),
     conf_thres: float = 0.25,
@@ -161,7 +162,8 @@ def run(
         raise FileNotFoundError(f"--weights {weights} not found")
     kind = classify_source(source)
     if not (kind.webcam or kind.is_url or glob_or_exists(source)):
-        raise FileNotFoundError(f"--source {source} not found")
+        hint = " (the default; pass --source: an image, folder, glob, video, URL or 0 for a webcam)"
+        raise FileNotFoundError(f"--source {source} not found{hint if source == str(DEFAULT_SOURCE) else ''}")
     backend = AutoBackend(weights, device=select_device(device), dnn=dnn, fp16=half, compile=compile)
     imgsz = _model_size(backend, _size_pair(imgsz))
     view_img, visualize, augment = _check_flags(backend, kind.webcam, view_img, visualize, augment, update)
@@ -265,7 +267,7 @@ def parse_opt(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--weights", nargs="+", type=str, default=[str(ROOT / "yolov5s.pt")], help="model .pt path"
     )
-    parser.add_argument("--source", type=str, default=str(ROOT / "data/images"),
+    parser.add_argument("--source", type=str, default=str(DEFAULT_SOURCE),
                         help="file, folder, glob, .txt list, video, 0 (webcam), URL or .streams list")  # fmt: skip
     parser.add_argument(
         "--data", type=str, default=None, help="dataset YAML, for class names the model lacks"

@@ -303,6 +303,15 @@ def test_command_line_mistake_gives_one_error_line(cli_world, project_log, scrip
     _assert_one_error(call_main(build(cli_world, *args), project_log), *needles)
 
 
+def test_detect_without_source_says_to_pass_one(cli_world, project_log, monkeypatch, tmp_path):
+    """The default --source (data/images, as YOLOv5) is not shipped: the error says what to pass."""
+    import detect
+
+    monkeypatch.setattr(detect, "DEFAULT_SOURCE", tmp_path / "data" / "images")
+    argv = ["detect.py", "--weights", str(cli_world["weights"]), "--img", "64"]
+    _assert_one_error(call_main(argv, project_log), "images not found (the default; pass --source")
+
+
 def test_command_line_mistakes_in_real_processes(cli_world):
     """The same checks through the real entry points: exit status 1 and no traceback on stderr."""
     w = cli_world

@@ -128,7 +128,7 @@ class ExportRun:
         size = "" if self.meta.dynamic else f" --imgsz {h}" if h == w else f" --imgsz {h} {w}"
         lines.append("Use the exports:")
         for r in done:
-            lines.append(f"  Detect:   python detect.py --weights {r.path}{size}")
+            lines.append(f"  Detect:   python detect.py --weights {r.path} --source IMAGES_OR_VIDEO{size}")
             lines.append(f"  Validate: python val.py --weights {r.path} --data DATA.yaml{size}")
         return lines
 
