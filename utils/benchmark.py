@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import copy
 import math
+import os
 import statistics
 import time
 from collections.abc import Callable
@@ -291,6 +292,9 @@ def time_shares(fn: Callable[[torch.Tensor], Any], x: torch.Tensor, runs: int = 
     cost). Operators' own (self) times are summed, so nested calls are not counted twice."""
     from torch.profiler import ProfilerActivity, profile
 
+    # The profiler's own log (USDT start/stop lines, "ERROR ... gpuGetDeviceCount failed" on a machine
+    # without a GPU) would land in the middle of the table; read when it starts, so set here.
+    os.environ.setdefault("KINETO_LOG_LEVEL", "6")
     with torch.inference_mode():
         fn(x)  # packs, allocates: not part of the steady state
         with profile(activities=[ProfilerActivity.CPU]) as prof:
