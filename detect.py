@@ -38,6 +38,7 @@ from utils.general import (  # noqa: E402
     LOGGER,
     check_img_size,
     colorstr,
+    gc_frozen,
     increment_path,
     print_args,
     setup_logging,
@@ -316,7 +317,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     setup_logging()
     print_args(vars(opt), "detect")
     try:
-        run(**vars(opt))
+        with gc_frozen():  # no full-collection stalls between frames
+            run(**vars(opt))
     except USER_ERRORS as e:
         LOGGER.error(f"ERROR: {e}")
         return 1

@@ -41,6 +41,7 @@ from utils.general import (  # noqa: E402
     LOGGER,
     check_img_size,
     colorstr,
+    gc_frozen,
     increment_path,
     print_args,
     setup_logging,
@@ -348,7 +349,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     setup_logging()
     print_args(vars(opt), "val")
     try:
-        run_task(opt)
+        with gc_frozen():  # no full-collection stalls between batches
+            run_task(opt)
     except (FileNotFoundError, CheckpointError, ValueError) as e:
         LOGGER.error(f"val.py: error: {e}")
         return 1

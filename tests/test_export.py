@@ -201,7 +201,9 @@ def test_cli_writes_beside_weights_and_explains_flags(small, tmp_path, yolo_log)
     assert (tmp_path / "best.onnx").is_file()
     log = yolo_log.text
     assert "--half needs a CUDA device" in log and "--nms is not supported yet" in log and "--inplace" in log
-    assert f"python detect.py --weights {tmp_path / 'best.onnx'} --source IMAGES_OR_VIDEO --imgsz 64 96" in log
+    assert (
+        f"python detect.py --weights {tmp_path / 'best.onnx'} --source IMAGES_OR_VIDEO --imgsz 64 96" in log
+    )
     assert export_cli.main(["--weights", str(weights), "--include", "tflite"]) == 1
     assert export_cli.main(["--weights", str(tmp_path / "missing.pt")]) == 1
 
