@@ -12,14 +12,17 @@ ResNet bottlenecks become ``PackedBottleneck``s, whose last convolution also add
 applies the ReLU in the same call (another 1-5%).
 
 The blocked layout oneDNN picks depends on the input shape, and weights packed for one shape are
-slower than plain ones at another, so a layer repacks when its input shape changes. A repack is the
-reorder eager does inside every call, so a run of ever-changing shapes costs about what eager
-costs, and a steady stream (video, a fixed --imgsz, val.py's aspect-sorted batches) pays it rarely.
+slower than plain ones at another, so a layer packs a copy per input shape and keeps the last
+``PACKED_SHAPES`` of them: test-time augmentation's three scales, or a few alternating image sizes,
+stay packed; each copy costs another copy of the weights (about 200 MB for yolov5-resnet50-cbam
+in fp32). A new shape costs one reorder, what eager pays inside every call, so ever-changing shapes
+cost about what eager costs and a steady stream (video, a fixed --imgsz) pays it once.
 """
 
 from __future__ import annotations
 
 import functools
+from collections import OrderedDict
 from typing import Any
 
 import torch
@@ -28,6 +31,8 @@ import torch.nn.functional as F
 
 from models.common import Conv, ResNetBottleneck
 from utils.general import LOGGER
+
+PACKED_SHAPES = 3  # packed copies kept per layer, one per input shape: --augment runs three scales
 
 # Activations oneDNN can apply inside the convolution, by the post-op name its fused kernel takes
 FUSABLE_ACTIVATIONS: dict[type[nn.Module], str] = {nn.SiLU: "swish", nn.ReLU: "relu", nn.Sigmoid: "sigmoid"}
@@ -66,8 +71,8 @@ def convolution_add_relu_(out: torch.Tensor, x: torch.Tensor, packed: torch.Tens
 class PackedConv2d(nn.Module):
     """A Conv2d (optionally followed by an activation) for CPU inference, weights pre-packed.
 
-    Holds the original fp32 weight and bias as parameters, so ``state_dict`` is unchanged, and a
-    packed copy for the last input shape seen: fp32, or bf16 under CPU bf16 autocast (``--half``),
+    Holds the original fp32 weight and bias as parameters, so ``state_dict`` is unchanged, and
+    packed copies for the last ``PACKED_SHAPES`` input shapes seen: fp32, or bf16 under CPU bf16 autocast (``--half``),
     where the result is what autocast gives a Conv2d but the weights are not cast again each call.
     Other calls (gradients needed, another dtype, device or autocast dtype) run ``F.conv2d`` and the
     activation module instead.
@@ -88,6 +93,7 @@ class PackedConv2d(nn.Module):
         self._packed: torch.Tensor | None = None  # oneDNN opaque tensor: never saved, copied or pickled
         self._bias: torch.Tensor | None = None  # the bias in the packed dtype
         self._packed_for: tuple[Any, ...] | None = None
+        self._earlier: OrderedDict[tuple[Any, ...], tuple[Any, ...]] = OrderedDict()  # other shapes' copies
         self._failed = False  # oneDNN refused once: plain F.conv2d from then on
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -109,14 +115,23 @@ class PackedConv2d(nn.Module):
 
     def _pack_for(self, x: torch.Tensor, dtype: torch.dtype) -> None:
         key = (tuple(x.shape), dtype, _version(self.weight), _version(self.bias))
-        if key != self._packed_for:  # a new input shape or dtype, or weights changed in place
-            self._packed_for = None  # until the new copy exists
+        if key == self._packed_for:
+            return
+        if self._packed_for is not None:  # a new input shape or dtype, or weights changed in place
+            if self._packed_for[2:] == key[2:]:
+                self._earlier[self._packed_for] = (self._packed, self._bias)  # kept for when it returns
+            else:
+                self._earlier.clear()  # copies of weights that are no more
+        self._packed_for = None  # until the copy for this key is in place
+        found = self._earlier.pop(key, None)
+        if found is None:
             weight = self.weight.detach().to(dtype)
-            self._packed = reorder_weight(
-                weight, self.padding, self.stride, self.dilation, self.groups, x.shape
-            )
-            self._bias = None if self.bias is None else self.bias.detach().to(dtype)
-            self._packed_for = key
+            packed = reorder_weight(weight, self.padding, self.stride, self.dilation, self.groups, x.shape)
+            found = (packed, None if self.bias is None else self.bias.detach().to(dtype))
+        self._packed, self._bias = found
+        self._packed_for = key
+        while len(self._earlier) >= PACKED_SHAPES:  # the least recently used go first
+            self._earlier.popitem(last=False)
 
     def add_relu_into(self, x: torch.Tensor, out: torch.Tensor) -> bool:
         """Write relu(conv(x) + out) into ``out`` with one oneDNN call (its sum post-op adds the
@@ -141,6 +156,7 @@ class PackedConv2d(nn.Module):
     def _give_up(self, error: RuntimeError) -> None:
         """Plain F.conv2d for this layer from now on, with one warning per distinct reason."""
         self._failed, self._packed, self._packed_for = True, None, None
+        self._earlier.clear()
         _warn_unavailable(str(error).splitlines()[0] if str(error) else type(error).__name__)
 
     def _output_shape(self, x: torch.Tensor) -> torch.Size:
@@ -168,6 +184,7 @@ class PackedConv2d(nn.Module):
     def __getstate__(self) -> dict[str, Any]:  # deepcopy and pickle: the opaque packed copy stays behind
         state = self.__dict__.copy()
         state["_packed"] = state["_bias"] = state["_packed_for"] = None
+        state["_earlier"] = OrderedDict()
         return state
 
     def extra_repr(self) -> str:

@@ -62,6 +62,38 @@ def test_packed_conv_repacks_for_a_new_shape_and_for_new_weights():
         torch.testing.assert_close(packed(x), conv(x), rtol=1e-5, atol=1e-5)
 
 
+def test_packed_conv_keeps_copies_for_the_last_few_shapes(monkeypatch):
+    """Alternating shapes (--augment's three scales) reuse their copies; the least recently used goes
+    when a fourth arrives; weights changed in place drop every copy."""
+    reorders = []
+    original = packed_module.reorder_weight
+    monkeypatch.setattr(
+        packed_module, "reorder_weight", lambda *a: reorders.append(tuple(a[-1])) or original(*a)
+    )
+    assert packed_module.PACKED_SHAPES == 3
+    conv = nn.Conv2d(4, 6, 3, padding=1).eval()
+    packed = PackedConv2d(conv)
+    a, b, c, d = (1, 4, 8, 8), (1, 4, 8, 12), (1, 4, 12, 8), (1, 4, 16, 16)
+
+    def run(*shapes):
+        for shape in shapes:
+            x = _nhwc(*shape)
+            with torch.inference_mode():
+                torch.testing.assert_close(packed(x), conv(x), rtol=1e-5, atol=1e-5)
+
+    run(a, b, c, a, b, c, a)
+    assert reorders == [a, b, c]
+    run(d, c, a)  # d pushes out the least recently used (b); c and a are still there
+    assert reorders == [a, b, c, d]
+    run(b)
+    assert reorders == [a, b, c, d, b]
+    with torch.no_grad():
+        conv.weight.mul_(-2.0)
+    run(b, a)
+    assert reorders == [a, b, c, d, b, b, a]
+    assert len(copy.deepcopy(packed)._earlier) == 0
+
+
 def test_packed_conv_under_bf16_autocast_gives_what_autocast_gives_a_conv2d():
     conv = nn.Conv2d(16, 32, 3, padding=1).eval()
     packed = PackedConv2d(conv, nn.SiLU())
