@@ -75,7 +75,8 @@ class PackedConv2d(nn.Module):
     packed copies for the last ``PACKED_SHAPES`` input shapes seen: fp32, or bf16 under CPU bf16 autocast (``--half``),
     where the result is what autocast gives a Conv2d but the weights are not cast again each call.
     Other calls (gradients needed, another dtype, device or autocast dtype) run ``F.conv2d`` and the
-    activation module instead.
+    activation module instead. The copies are swapped without a lock: threads that share one model
+    should run one input shape, or use a model each.
     """
 
     def __init__(self, conv: nn.Conv2d, activation: nn.Module | None = None):
