@@ -72,10 +72,11 @@ class PackedConv2d(nn.Module):
     """A Conv2d (optionally followed by an activation) for CPU inference, weights pre-packed.
 
     Holds the original fp32 weight and bias as parameters, so ``state_dict`` is unchanged, and
-    packed copies for the last ``PACKED_SHAPES`` input shapes seen: fp32, or bf16 under CPU bf16 autocast (``--half``),
-    where the result is what autocast gives a Conv2d but the weights are not cast again each call.
+    packed copies for the last ``PACKED_SHAPES`` input shapes seen: fp32, or bf16 under CPU bf16
+    autocast (``--half``), where the result is what autocast gives a Conv2d but the weights are not
+    cast again each call.
     Other calls (gradients needed, another dtype, device or autocast dtype) run ``F.conv2d`` and the
-    activation module instead. The copies are swapped without a lock: threads that share one model
+    activation module instead. The copies are kept and dropped without a lock: threads that share one model
     should run one input shape, or use a model each.
     """
 
@@ -91,14 +92,13 @@ class PackedConv2d(nn.Module):
         self.weight, self.bias = conv.weight, conv.bias
         self.activation = activation if activation is not None else nn.Identity()
         self.post_op = "none" if activation is None else FUSABLE_ACTIVATIONS[type(activation)]
-        self._packed: torch.Tensor | None = None  # oneDNN opaque tensor: never saved, copied or pickled
-        self._bias: torch.Tensor | None = None  # the bias in the packed dtype
-        self._packed_for: tuple[Any, ...] | None = None
-        self._earlier: OrderedDict[tuple[Any, ...], tuple[Any, ...]] = OrderedDict()  # other shapes' copies
+        # (input shape, dtype, weight versions) -> (packed weight, bias in that dtype), most recent last;
+        # the packed weights are oneDNN opaque tensors: never saved, copied or pickled
+        self._copies: OrderedDict[tuple[Any, ...], tuple[torch.Tensor, torch.Tensor | None]] = OrderedDict()
         self._failed = False  # oneDNN refused once: plain F.conv2d from then on
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        dtype = None if self._failed else self._compute_dtype(x)
+        dtype = self._compute_dtype(x)
         if dtype is not None:
             try:
                 return self._packed_forward(x, dtype)
@@ -108,47 +108,43 @@ class PackedConv2d(nn.Module):
         return self.activation(y)
 
     def _packed_forward(self, x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-        self._pack_for(x, dtype)
+        packed, bias = self._weights_for(x, dtype)
         return convolution(
-            x.to(dtype), self._packed, self._bias, self.padding, self.stride, self.dilation, self.groups,
-            self.post_op,
-        )  # fmt: skip
+            x.to(dtype), packed, bias, self.padding, self.stride, self.dilation, self.groups, self.post_op
+        )
 
-    def _pack_for(self, x: torch.Tensor, dtype: torch.dtype) -> None:
+    def _weights_for(self, x: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The packed weight and bias for inputs shaped like x in dtype: a kept copy, or packed now."""
         key = (tuple(x.shape), dtype, _version(self.weight), _version(self.bias))
-        if key == self._packed_for:
-            return
-        if self._packed_for is not None:  # a new input shape or dtype, or weights changed in place
-            if self._packed_for[2:] == key[2:]:
-                self._earlier[self._packed_for] = (self._packed, self._bias)  # kept for when it returns
-            else:
-                self._earlier.clear()  # copies of weights that are no more
-        self._packed_for = None  # until the copy for this key is in place
-        found = self._earlier.pop(key, None)
-        if found is None:
-            weight = self.weight.detach().to(dtype)
-            packed = reorder_weight(weight, self.padding, self.stride, self.dilation, self.groups, x.shape)
-            found = (packed, None if self.bias is None else self.bias.detach().to(dtype))
-        self._packed, self._bias = found
-        self._packed_for = key
-        while len(self._earlier) >= PACKED_SHAPES:  # the least recently used go first
-            self._earlier.popitem(last=False)
+        found = self._copies.get(key)
+        if found is not None:
+            self._copies.move_to_end(key)
+            return found
+        if self._copies and next(iter(self._copies))[2:] != key[2:]:
+            self._copies.clear()  # weights changed in place: copies of weights that are no more
+        weight = self.weight.detach().to(dtype)
+        packed = reorder_weight(weight, self.padding, self.stride, self.dilation, self.groups, x.shape)
+        found = (packed, None if self.bias is None else self.bias.detach().to(dtype))
+        self._copies[key] = found
+        while len(self._copies) > PACKED_SHAPES:  # the least recently used go first
+            self._copies.popitem(last=False)
+        return found
 
     def add_relu_into(self, x: torch.Tensor, out: torch.Tensor) -> bool:
         """Write relu(conv(x) + out) into ``out`` with one oneDNN call (its sum post-op adds the
         convolution to what ``out`` holds), ``self.activation`` aside. Returns False, changing nothing,
         where the packed path does not apply: see ``forward``, or ``out`` not the convolution's output
         shape, dtype and memory layout."""
-        dtype = None if self._failed else self._compute_dtype(x)
+        dtype = self._compute_dtype(x)
         if dtype is None or out.dtype != dtype or (torch.is_grad_enabled() and out.requires_grad):
             return False
         if out.shape != self._output_shape(x) or _layout(out) is None or _layout(out) != _layout(x):
             return False
         try:
-            self._pack_for(x, dtype)
+            packed, bias = self._weights_for(x, dtype)
             convolution_add_relu_(
-                out, x.to(dtype), self._packed, self._bias, self.padding, self.stride, self.dilation, self.groups
-            )  # fmt: skip
+                out, x.to(dtype), packed, bias, self.padding, self.stride, self.dilation, self.groups
+            )
         except RuntimeError as e:  # oneDNN refuses while setting up, before it writes: plain from now on
             self._give_up(e)
             return False
@@ -156,8 +152,8 @@ class PackedConv2d(nn.Module):
 
     def _give_up(self, error: RuntimeError) -> None:
         """Plain F.conv2d for this layer from now on, with one warning per distinct reason."""
-        self._failed, self._packed, self._packed_for = True, None, None
-        self._earlier.clear()
+        self._failed = True
+        self._copies.clear()
         _warn_unavailable(str(error).splitlines()[0] if str(error) else type(error).__name__)
 
     def _output_shape(self, x: torch.Tensor) -> torch.Size:
@@ -171,6 +167,8 @@ class PackedConv2d(nn.Module):
 
     def _compute_dtype(self, x: torch.Tensor) -> torch.dtype | None:
         """fp32, or bf16 under CPU bf16 autocast (as autocast would run a Conv2d); None: not packable."""
+        if self._failed:
+            return None
         if x.device.type != "cpu" or x.dim() != 4 or self.weight.dtype != torch.float32:
             return None
         if x.shape[1] != self.in_channels:
@@ -182,10 +180,9 @@ class PackedConv2d(nn.Module):
         autocast_bf16 = torch.get_autocast_dtype("cpu") == torch.bfloat16
         return torch.bfloat16 if autocast_bf16 and x.dtype in (torch.float32, torch.bfloat16) else None
 
-    def __getstate__(self) -> dict[str, Any]:  # deepcopy and pickle: the opaque packed copy stays behind
+    def __getstate__(self) -> dict[str, Any]:  # deepcopy and pickle: the opaque packed copies stay behind
         state = self.__dict__.copy()
-        state["_packed"] = state["_bias"] = state["_packed_for"] = None
-        state["_earlier"] = OrderedDict()
+        state["_copies"] = OrderedDict()
         return state
 
     def extra_repr(self) -> str:

@@ -20,6 +20,11 @@ from utils.benchmark import trained_like
 pytestmark = pytest.mark.skipif(not packing_supported(), reason="this PyTorch build has no oneDNN")
 
 
+def _latest_key(layer: PackedConv2d) -> tuple:
+    """(input shape, dtype, ...) of the packed copy a layer used last."""
+    return next(reversed(layer._copies))
+
+
 def _nhwc(*shape: int, seed: int = 0) -> torch.Tensor:
     x = torch.randn(*shape, generator=torch.Generator().manual_seed(seed))
     return x.contiguous(memory_format=torch.channels_last)
@@ -43,7 +48,7 @@ def test_packed_conv_equals_conv_then_activation(kwargs, activation):
         expected = conv(x) if activation is None else activation(conv(x))
         y = packed(x)
     torch.testing.assert_close(y, expected, rtol=1e-4, atol=1e-4)
-    assert packed._packed is not None  # the oneDNN path ran, not the F.conv2d fallback
+    assert packed._copies  # the oneDNN path ran, not the F.conv2d fallback
     assert (packed.post_op == "none") == (activation is None)  # the activation ran inside oneDNN
 
 
@@ -54,7 +59,7 @@ def test_packed_conv_repacks_for_a_new_shape_and_for_new_weights():
         for shape in [(1, 4, 8, 8), (1, 4, 16, 12), (3, 4, 8, 8), (1, 4, 8, 8)]:
             x = _nhwc(*shape)
             torch.testing.assert_close(packed(x), conv(x), rtol=1e-5, atol=1e-5)
-            assert packed._packed_for[0] == shape
+            assert _latest_key(packed)[0] == shape
     with torch.no_grad():
         conv.weight.mul_(-2.0)  # shared with the packed module, changed in place
     x = _nhwc(1, 4, 8, 8)
@@ -91,7 +96,7 @@ def test_packed_conv_keeps_copies_for_the_last_few_shapes(monkeypatch):
         conv.weight.mul_(-2.0)
     run(b, a)
     assert reorders == [a, b, c, d, b, b, a]
-    assert len(copy.deepcopy(packed)._earlier) == 0
+    assert not copy.deepcopy(packed)._copies
 
 
 def test_packed_conv_under_bf16_autocast_gives_what_autocast_gives_a_conv2d():
@@ -102,11 +107,11 @@ def test_packed_conv_under_bf16_autocast_gives_what_autocast_gives_a_conv2d():
         expected = nn.functional.silu(conv(x))
         y = packed(x)
     assert y.dtype == expected.dtype == torch.bfloat16
-    assert packed._packed is not None and packed._packed_for[1] == torch.bfloat16
+    assert packed._copies and _latest_key(packed)[1] == torch.bfloat16
     torch.testing.assert_close(y.float(), expected.float(), rtol=0.02, atol=0.02)
     with torch.inference_mode():  # autocast off again: repacked in fp32
         torch.testing.assert_close(packed(x), nn.functional.silu(conv(x)), rtol=1e-5, atol=1e-5)
-    assert packed._packed_for[1] == torch.float32
+    assert _latest_key(packed)[1] == torch.float32
 
 
 def test_packed_conv_falls_back_to_conv2d_for_training_and_other_dtypes():
@@ -115,12 +120,12 @@ def test_packed_conv_falls_back_to_conv2d_for_training_and_other_dtypes():
     x = _nhwc(2, 4, 8, 8).requires_grad_()
     y = packed(x)  # gradients wanted: the differentiable F.conv2d path
     y.sum().backward()
-    assert x.grad is not None and conv.weight.grad is not None and packed._packed is None
+    assert x.grad is not None and conv.weight.grad is not None and not packed._copies
     packed.double()  # converts the parameters it shares with conv
     xd = x.detach().double()
     with torch.no_grad():
         torch.testing.assert_close(packed(xd), nn.functional.silu(conv(xd)))
-    assert packed._packed is None
+    assert not packed._copies
 
 
 def test_pack_convolutions_keeps_outputs_state_dict_copy_and_pickle():
@@ -139,7 +144,7 @@ def test_pack_convolutions_keeps_outputs_state_dict_copy_and_pickle():
         torch.testing.assert_close(packed(x)[0], expected, rtol=1e-3, atol=1e-3)
         again = copy.deepcopy(packed)  # after packing: the opaque oneDNN copies are left behind
         restored = pickle.loads(pickle.dumps(packed))
-        assert all(m._packed is None for m in again.modules() if isinstance(m, PackedConv2d))
+        assert all(not m._copies for m in again.modules() if isinstance(m, PackedConv2d))
         torch.testing.assert_close(again(x)[0], expected, rtol=1e-3, atol=1e-3)
         torch.testing.assert_close(restored(x)[0], expected, rtol=1e-3, atol=1e-3)
 
@@ -153,9 +158,9 @@ def test_autobackend_packs_a_cpu_pt_model_unless_compiled(monkeypatch, tiny_chec
     x = torch.rand(1, 3, 64, 96)
     expected = compiled(x)  # outside no_grad: the inference model has no gradients to track
     packed = [m for m in eager.model.modules() if isinstance(m, PackedConv2d)]
-    assert all(m._packed is None for m in packed)
+    assert all(not m._copies for m in packed)
     torch.testing.assert_close(eager(x), expected, rtol=1e-4, atol=1e-3)
-    assert all(m._packed is not None for m in packed)  # the packed path ran, not the F.conv2d fallback
+    assert all(m._copies for m in packed)  # the packed path ran, not the F.conv2d fallback
 
 
 def test_a_failing_onednn_call_falls_back_to_conv2d_with_one_warning(monkeypatch, project_log):
@@ -182,7 +187,7 @@ def test_wrong_input_channels_raise_torchs_error_and_keep_packing():
     assert not layer._failed
     with torch.inference_mode():
         layer(_nhwc(1, 4, 8, 8))
-    assert layer._packed is not None
+    assert layer._copies
 
 
 def _fused_stage(c1: int, c2: int, blocks: int, stride: int = 1, attention: str | None = None) -> nn.Module:
