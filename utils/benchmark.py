@@ -198,13 +198,15 @@ def _packed_copy(model: nn.Module, bottlenecks: bool = True) -> nn.Module:
     return packed
 
 
-def _eager_variants(model: nn.Module, compile: bool) -> dict[str, Callable[[torch.Tensor], Any]]:
-    """The .pt paths: eager fp32 unfused / fused / channels_last / pre-packed, bf16 autocast (--half)
-    and, with ``compile``, torch.compile with frozen weights (--compile), fp32 and under bf16 autocast."""
+def _eager_variants(
+    model: nn.Module, packed: nn.Module, compile: bool
+) -> dict[str, Callable[[torch.Tensor], Any]]:
+    """The .pt paths: eager fp32 unfused / fused / channels_last / pre-packed (``packed``: the default,
+    ``_packed_copy(model)``), bf16 autocast (--half) and, with ``compile``, torch.compile with frozen
+    weights (--compile), fp32 and under bf16 autocast."""
     unfused = copy.deepcopy(model).eval()
     fused = copy.deepcopy(model).eval().fuse()
     fused_cl = copy.deepcopy(fused).to(memory_format=torch.channels_last)
-    packed = _packed_copy(model)
     native_bf16 = cpu_bf16_supported()
     bf16_name = "bf16 autocast (--half)" if native_bf16 else "bf16 autocast (emulated)"
     variants = {"eager fp32 unfused": unfused, "eager fp32 fused": fused,
@@ -269,7 +271,8 @@ def inference_speed(cfg: str, sizes: list[int], runs: int = 10, onnx: bool = Tru
     for s in sizes:
         x = torch.rand(1, 3, s, s)
         gflops = count_flops(copy.deepcopy(model).eval(), x) / 1e9
-        variants = _eager_variants(model, compile)
+        packed = _packed_copy(model)
+        variants = _eager_variants(model, packed, compile)
         if onnx:
             variants.update(_onnx_variants(model, s, tmp, int8))
         for name, fn in variants.items():
@@ -278,9 +281,7 @@ def inference_speed(cfg: str, sizes: list[int], runs: int = 10, onnx: bool = Tru
             shares = alone = None
             if name == PROFILED_VARIANT:
                 shares = time_shares(fn, x)
-                alone = convolutions_alone(
-                    _packed_copy(model), x.contiguous(memory_format=torch.channels_last)
-                )
+                alone = convolutions_alone(packed, x.contiguous(memory_format=torch.channels_last))
             rows.append(SpeedRow(name, s, ms, gflops, peak, shares, alone))
             LOGGER.info(f"  {name:<34} {s:>4}  {ms:8.1f} ms")
     return rows

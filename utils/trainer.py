@@ -157,9 +157,8 @@ class Trainer:
         self.scheduler.last_epoch = self.start_epoch - 1
         if rank_is_ddp(self.rank):
             self.model = DDP(self.model, device_ids=[self.device.index] if self.cuda else None)
-        self.scaler = torch.amp.GradScaler(
-            "cuda", enabled=self.amp_dtype == torch.float16
-        )  # fp16 is CUDA-only
+        # fp16 AMP is CUDA-only, and only fp16 needs its gradients scaled
+        self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp_dtype == torch.float16)
         self.stopper = EarlyStopping(opt.patience)
         self.logger = ResultsLogger(self.save_dir) if self.main and not opt.evolve else None
 
