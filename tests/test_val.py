@@ -278,6 +278,16 @@ def test_run_in_process_task_speed(dataset_yaml, checkpoint, tmp_path, project_l
     assert (tmp_path / "exp").is_dir() and not (tmp_path / "exp" / "PR_curve.png").exists()
 
 
+def test_task_speed_from_the_command_line_says_which_thresholds_it_uses(dataset_yaml, checkpoint, tmp_path,
+                                                                        project_log):  # fmt: skip
+    argv = (f"--data {dataset_yaml} --weights {checkpoint} --img 64 --batch-size 6 --workers 0 --device cpu "
+            f"--task speed --conf-thres 0.001 --project {tmp_path}").split()  # fmt: skip
+    assert val.main(argv) == 0
+    notes = [line for line in project_log if line.startswith("--task speed:")]
+    assert len(notes) == 1 and "--conf-thres 0.25 --iou-thres 0.45" in notes[0]
+    assert sum(line.startswith("Speed:") for line in project_log) == 1
+
+
 def test_task_study_writes_table_and_plot(dataset_yaml, checkpoint, tmp_path, project_log):
     argv = (f"--data {dataset_yaml} --weights {checkpoint} --batch-size 6 --workers 0 --device cpu "
             f"--task study --study-sizes 64 96 --project {tmp_path}").split()  # fmt: skip
