@@ -22,6 +22,7 @@ cost about what eager costs and a steady stream (video, a fixed --imgsz) pays it
 from __future__ import annotations
 
 import functools
+import threading
 from collections import OrderedDict
 from typing import Any
 
@@ -76,8 +77,8 @@ class PackedConv2d(nn.Module):
     autocast (``--half``), where the result is what autocast gives a Conv2d but the weights are not
     cast again each call.
     Other calls (gradients needed, another dtype, device or autocast dtype) run ``F.conv2d`` and the
-    activation module instead. The copies are kept and dropped without a lock: threads that share one model
-    should run one input shape, or use a model each.
+    activation module instead. Threads may share one model: the copies are kept and dropped under a
+    lock per layer.
     """
 
     def __init__(self, conv: nn.Conv2d, activation: nn.Module | None = None):
@@ -95,6 +96,7 @@ class PackedConv2d(nn.Module):
         # (input shape, dtype, weight versions) -> (packed weight, bias in that dtype), most recent last;
         # the packed weights are oneDNN opaque tensors: never saved, copied or pickled
         self._copies: OrderedDict[tuple[Any, ...], tuple[torch.Tensor, torch.Tensor | None]] = OrderedDict()
+        self._lock = threading.Lock()  # guards _copies
         self._failed = False  # oneDNN refused once: plain F.conv2d from then on
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -116,18 +118,19 @@ class PackedConv2d(nn.Module):
     def _weights_for(self, x: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The packed weight and bias for inputs shaped like x in dtype: a kept copy, or packed now."""
         key = (tuple(x.shape), dtype, _version(self.weight), _version(self.bias))
-        found = self._copies.get(key)
-        if found is not None:
-            self._copies.move_to_end(key)
-            return found
-        if self._copies and next(iter(self._copies))[2:] != key[2:]:
-            self._copies.clear()  # weights changed in place: copies of weights that are no more
-        weight = self.weight.detach().to(dtype)
-        packed = reorder_weight(weight, self.padding, self.stride, self.dilation, self.groups, x.shape)
-        found = (packed, None if self.bias is None else self.bias.detach().to(dtype))
-        self._copies[key] = found
-        while len(self._copies) > PACKED_SHAPES:  # the least recently used go first
-            self._copies.popitem(last=False)
+        with self._lock:
+            found = self._copies.get(key)
+            if found is not None:
+                self._copies.move_to_end(key)
+                return found
+            if self._copies and next(iter(self._copies))[2:] != key[2:]:
+                self._copies.clear()  # weights changed in place: copies of weights that are no more
+            weight = self.weight.detach().to(dtype)
+            packed = reorder_weight(weight, self.padding, self.stride, self.dilation, self.groups, x.shape)
+            found = (packed, None if self.bias is None else self.bias.detach().to(dtype))
+            self._copies[key] = found
+            while len(self._copies) > PACKED_SHAPES:  # the least recently used go first
+                self._copies.popitem(last=False)
         return found
 
     def add_relu_into(self, x: torch.Tensor, out: torch.Tensor) -> bool:
@@ -153,7 +156,8 @@ class PackedConv2d(nn.Module):
     def _give_up(self, error: RuntimeError) -> None:
         """Plain F.conv2d for this layer from now on, with one warning per distinct reason."""
         self._failed = True
-        self._copies.clear()
+        with self._lock:
+            self._copies.clear()
         _warn_unavailable(str(error).splitlines()[0] if str(error) else type(error).__name__)
 
     def _output_shape(self, x: torch.Tensor) -> torch.Size:
@@ -183,7 +187,12 @@ class PackedConv2d(nn.Module):
     def __getstate__(self) -> dict[str, Any]:  # deepcopy and pickle: the opaque packed copies stay behind
         state = self.__dict__.copy()
         state["_copies"] = OrderedDict()
+        del state["_lock"]  # locks do not copy or pickle
         return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        self._lock = threading.Lock()
 
     def extra_repr(self) -> str:
         return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}, "

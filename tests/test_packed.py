@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import copy
 import pickle
+import threading
+import time
+from collections import OrderedDict
 from pathlib import Path
 
 import pytest
@@ -126,6 +129,45 @@ def test_packed_conv_falls_back_to_conv2d_for_training_and_other_dtypes():
     with torch.no_grad():
         torch.testing.assert_close(packed(xd), nn.functional.silu(conv(xd)))
     assert not packed._copies
+
+
+class _SlowLookups(OrderedDict):
+    """An OrderedDict whose lookups let other threads run before the caller goes on."""
+
+    def get(self, key, default=None):
+        found = super().get(key, default)
+        time.sleep(1e-4)
+        return found
+
+
+def test_threads_sharing_a_packed_conv_with_different_shapes_get_right_results():
+    """More shapes than kept copies from four threads, each pausing after its lookup: every result is
+    the convolution's (no copy evicted between a thread's lookup and its use) and at most
+    PACKED_SHAPES copies are left."""
+    conv = nn.Conv2d(4, 6, 3, padding=1).eval()
+    packed = PackedConv2d(conv)
+    packed._copies = _SlowLookups()
+    inputs = [_nhwc(1, 4, 6 + i, 6, seed=i) for i in range(packed_module.PACKED_SHAPES + 2)]
+    with torch.inference_mode():
+        expected = [conv(x) for x in inputs]
+    errors: list[BaseException] = []
+
+    def work(offset: int) -> None:
+        try:
+            with torch.inference_mode():
+                for i in range(40):
+                    k = (i + offset) % len(inputs)
+                    torch.testing.assert_close(packed(inputs[k]), expected[k], rtol=1e-5, atol=1e-5)
+        except BaseException as e:  # reported by the main thread
+            errors.append(e)
+
+    threads = [threading.Thread(target=work, args=(offset,)) for offset in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, repr(errors[0])
+    assert 1 <= len(packed._copies) <= packed_module.PACKED_SHAPES
 
 
 def test_pack_convolutions_keeps_outputs_state_dict_copy_and_pickle():
