@@ -339,8 +339,8 @@ def run_task(opt: argparse.Namespace) -> list[EvalResult]:
     if opt.task == "speed":
         speed = {"conf_thres": 0.25, "iou_thres": 0.45, "save_json": False, "plots": False}
         LOGGER.info(
-            "--task speed: timing at --conf-thres 0.25 --iou-thres 0.45 (detect.py's defaults), no JSON or "
-            "plots; its mAP is not comparable with --task val's"
+            f"--task speed: timing at --conf-thres {speed['conf_thres']} --iou-thres {speed['iou_thres']} "
+            "(detect.py's defaults), no JSON or plots; its mAP is not comparable with --task val's"
         )
         return [run(**{**vars(opt), **speed, "weights": w}) for w in opt.weights]
     LOGGER.info(f"Study plot saved to {_study(opt)}")
