@@ -4,9 +4,10 @@ Usage:
     python export.py --weights runs/train/exp/weights/best.pt --include torchscript onnx openvino
     python export.py --weights best.pt --include onnx --dynamic --simplify --opset 17
 
-Files are written beside the weights: best.torchscript, best.onnx, best_openvino_model/. Each maps
-float BCHW RGB images in 0..1 to decoded predictions (bs, N, 5 + nc) and stores stride, names,
-imgsz, batch and dynamic for the loader (models/backend.py AutoBackend).
+Files are written beside the weights: best.torchscript, best.onnx, best_openvino_model/ (with --int8:
+best_int8_openvino_model/). Each maps float BCHW RGB images in 0..1 to decoded predictions
+(bs, N, 5 + nc) and stores stride, names, imgsz, batch and dynamic for the loader
+(models/backend.py AutoBackend).
 """
 
 from __future__ import annotations

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 import benchmarks
@@ -31,19 +33,26 @@ def test_int8_format_exports_quantised_openvino_calibrated_on_the_data(monkeypat
     from utils import benchmark
     from utils.export import runner
 
-    weights = tmp_path / "w.pt"
+    weights = tmp_path / "user" / "w.pt"
+    weights.parent.mkdir()
     weights.write_bytes(b"0" * 1000)
-    (tmp_path / "w_openvino_model").mkdir()
-    seen = []
+    bench = tmp_path / "bench"
+    seen, exported_from = [], []
 
     def fake_export(w, options):
         seen.append(options)
-        result = SimpleNamespace(ok=True, path=str(tmp_path / "w_openvino_model"), error=None)
+        exported_from.append(Path(w))
+        (bench / "w_openvino_model").mkdir(exist_ok=True)
+        result = SimpleNamespace(ok=True, path=str(bench / "w_openvino_model"), error=None)
         return SimpleNamespace(result=lambda fmt: result)
 
     monkeypatch.setattr(runner, "run_export", fake_export)
     monkeypatch.setattr(val, "run", lambda **kw: SimpleNamespace(map=0.5, speed_ms=(0.0, 10.0, 0.0)))
-    rows = benchmark.formats_table(str(weights), "shapes.yaml", 64, ("openvino", "openvino-int8"))
+    formats = ("openvino", "openvino-int8")
+    rows = benchmark.formats_table(str(weights), "shapes.yaml", 64, formats, export_dir=bench)
+    # exported from a link in the benchmark's folder, so nothing is written beside the user's weights
+    assert exported_from == [bench / "w.pt"] * 2 and (bench / "w.pt").read_bytes() == weights.read_bytes()
+    assert sorted(p.name for p in weights.parent.iterdir()) == ["w.pt"]
     assert [o.include for o in seen] == [("openvino",), ("openvino",)]
     assert [o.int8 for o in seen] == [False, True]
     assert seen[1].data == "shapes.yaml" and seen[0].data is None

@@ -390,6 +390,16 @@ def test_metadata_round_trips_through_every_spelling():
         ExportMetadata.from_dict({"imgsz": "[64, 64]"}, source="x.onnx")
 
 
+def test_int8_openvino_exports_get_their_own_folder():
+    """An int8 export beside an fp32 one replaces nothing, and both load as OpenVINO."""
+    from utils.export.runner import export_path
+
+    fp32, int8 = export_path("w/best.pt", "openvino"), export_path("w/best.pt", "openvino", int8=True)
+    assert fp32 == Path("w/best_openvino_model") and int8 == Path("w/best_int8_openvino_model")
+    assert export_path("w/best.pt", "onnx", int8=True) == Path("w/best.onnx")
+    assert weights_format(int8) == "openvino"
+
+
 def test_autobackend_refuses_foreign_files(tmp_path):
     pickled = tmp_path / "foreign.pt"
     torch.save(_tiny(), pickled)  # a whole pickled module: needs code to load

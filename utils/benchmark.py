@@ -8,6 +8,7 @@ from __future__ import annotations
 import copy
 import math
 import os
+import shutil
 import statistics
 import time
 from collections.abc import Callable
@@ -30,6 +31,8 @@ from utils.torch_utils import (
     retain_freed_memory,
     select_device,
 )
+
+EXPORT_DIR = Path("runs/benchmarks/exports")  # the formats table's exports, apart from the user's own
 
 
 def median_seconds(fn: Callable[[], Any], runs: int = 10, warmup: int = 2) -> float:
@@ -110,12 +113,14 @@ def trained_like(model: nn.Module, seed: int = 0) -> nn.Module:
 
 # ------------------------------------------------------------------------------------ export formats
 def formats_table(weights: str, data: str, imgsz: int, formats: tuple[str, ...], device: str = "cpu",
-                  batch_size: int = 1) -> list[dict[str, Any]]:  # fmt: skip
+                  batch_size: int = 1, export_dir: Path = EXPORT_DIR) -> list[dict[str, Any]]:  # fmt: skip
     """Export to each format, validate it and collect size, mAP50-95 and inference ms per image.
 
-    A format name ending in ``-int8`` (``openvino-int8``) is exported with int8 post-training
-    quantisation calibrated on ``data``. ``pytorch-half`` validates the .pt with ``--half`` (fp16 on
-    CUDA, bf16 autocast on a CPU with native bf16); it is left out where the device has neither.
+    The exports go to ``export_dir`` (through a link to the weights there), never beside the weights,
+    where they would replace the user's own exports. A format name ending in ``-int8``
+    (``openvino-int8``) is exported with int8 post-training quantisation calibrated on ``data``.
+    ``pytorch-half`` validates the .pt with ``--half`` (fp16 on CUDA, bf16 autocast on a CPU with
+    native bf16); it is left out where the device has neither.
     """
     import val
     from utils.export.common import path_size
@@ -125,14 +130,16 @@ def formats_table(weights: str, data: str, imgsz: int, formats: tuple[str, ...],
         LOGGER.info(f"pytorch-half: left out, no faster reduced precision on device {device!r}")
         formats = tuple(f for f in formats if f != "pytorch-half")
     rows = []
+    exportable = None  # the weights as seen from export_dir, made at the first export
     for fmt in ("pytorch", *formats):
         path, size = Path(weights), path_size(Path(weights))
         try:
             if fmt not in ("pytorch", "pytorch-half"):
+                exportable = exportable or _link_into(Path(weights), export_dir)
                 base, int8 = fmt.removesuffix("-int8"), fmt.endswith("-int8")  # openvino-int8: quantised
                 options = ExportOptions(include=(base,), imgsz=(imgsz, imgsz), device=device, int8=int8,
                                         data=data if int8 else None)  # fmt: skip
-                result = run_export(weights, options).result(base)
+                result = run_export(exportable, options).result(base)
                 if not result.ok:
                     raise RuntimeError(result.error)
                 path, size = Path(result.path), path_size(Path(result.path))
@@ -147,6 +154,20 @@ def formats_table(weights: str, data: str, imgsz: int, formats: tuple[str, ...],
     for r in rows:
         r["speedup"] = base / r["ms"] if r["ms"] == r["ms"] and r["ms"] > 0 else float("nan")
     return rows
+
+
+def _link_into(weights: Path, folder: Path) -> Path:
+    """``folder/<weights name>``: a symbolic link to ``weights`` (a copy where links are refused)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    link = folder / weights.name
+    if link.resolve() == weights.resolve():
+        return link  # weights already in the folder
+    link.unlink(missing_ok=True)
+    try:
+        link.symlink_to(weights.resolve())
+    except OSError:  # e.g. Windows without the privilege
+        shutil.copy2(weights, link)
+    return link
 
 
 def print_formats(rows: list[dict[str, Any]], imgsz: int) -> None:

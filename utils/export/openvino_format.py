@@ -27,10 +27,10 @@ OPENVINO_SUFFIX = "_openvino_model"
 INT8_IGNORED_TYPES = ["Multiply", "Subtract", "Sigmoid"]
 
 
-def openvino_folder(weights: str | Path) -> Path:
-    """best.pt -> best_openvino_model/ beside it."""
+def openvino_folder(weights: str | Path, int8: bool = False) -> Path:
+    """best.pt -> best_openvino_model/ beside it; best_int8_openvino_model/ for an int8 export."""
     weights = Path(weights)
-    return weights.with_name(f"{weights.stem}{OPENVINO_SUFFIX}")
+    return weights.with_name(f"{weights.stem}{'_int8' if int8 else ''}{OPENVINO_SUFFIX}")
 
 
 def export_openvino(model: nn.Module, im: torch.Tensor, folder: str | Path, meta: ExportMetadata,

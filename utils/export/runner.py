@@ -59,10 +59,11 @@ def parse_include(include: str | Iterable[str]) -> tuple[str, ...]:
     return tuple(dict.fromkeys(names))
 
 
-def export_path(weights: str | Path, fmt: str) -> Path:
-    """Where a format is written beside the weights: best.torchscript, best.onnx, best_openvino_model/."""
+def export_path(weights: str | Path, fmt: str, int8: bool = False) -> Path:
+    """Where a format is written beside the weights: best.torchscript, best.onnx, best_openvino_model/
+    (best_int8_openvino_model/ with ``int8``, so an fp32 export beside it stays)."""
     weights = Path(weights)
-    return openvino_folder(weights) if fmt == "openvino" else weights.with_suffix(f".{fmt}")
+    return openvino_folder(weights, int8) if fmt == "openvino" else weights.with_suffix(f".{fmt}")
 
 
 def check_options(opt: ExportOptions, device: torch.device) -> ExportOptions:
@@ -208,7 +209,7 @@ def _prepare(
 def _export_one(fmt: str, weights: Path, wrapped: PredictionOnly, im: torch.Tensor, meta: ExportMetadata,
                 opt: ExportOptions) -> ExportResult:  # fmt: skip
     name = FORMAT_NAMES[fmt]
-    target = export_path(weights, fmt)
+    target = export_path(weights, fmt, int8=opt.int8 and fmt == "openvino")
     LOGGER.info(f"{name}: exporting to {target} ...")
     t0 = time.perf_counter()
     try:
