@@ -172,10 +172,11 @@ def _link_into(weights: Path, folder: Path) -> Path:
 
 def print_formats(rows: list[dict[str, Any]], imgsz: int) -> None:
     LOGGER.info(f"\nBenchmarks at {imgsz}x{imgsz}, batch 1, {torch.get_num_threads()} CPU threads")
-    LOGGER.info(f"{'format':<12}{'size (MB)':>10}{'mAP50-95':>10}{'ms/img':>10}{'speed vs pt':>12}")
+    w = max([len("format"), *(len(r["format"]) for r in rows)]) + 2
+    LOGGER.info(f"{'format':<{w}}{'size (MB)':>10}{'mAP50-95':>10}{'ms/img':>10}{'speed vs pt':>12}")
     for r in rows:
         LOGGER.info(
-            f"{r['format']:<12}{r['size_mb']:>10.1f}{r['map']:>10.4f}{r['ms']:>10.1f}{r['speedup']:>11.2f}x"
+            f"{r['format']:<{w}}{r['size_mb']:>10.1f}{r['map']:>10.4f}{r['ms']:>10.1f}{r['speedup']:>11.2f}x"
         )
 
 
