@@ -96,6 +96,7 @@ def test_time_budget_overrides_epochs(tiny_data, tmp_path):
     assert out.returncode == 0, out.stderr[-3000:]
     assert "training for 1 epoch in all" in out.stdout + out.stderr
     assert "AMP: off (--no-amp), fp32" in out.stdout + out.stderr
+    assert "0/?" in out.stdout + out.stderr and "0/4" not in out.stdout + out.stderr  # planned after epoch 0
     run = tmp_path / "exp"
     assert [r["epoch"] for r in _rows(run / "results.csv")] == ["0"]
     ckpt = load_checkpoint(run / "weights/last.pt")

@@ -155,6 +155,8 @@ class Trainer:
         if self.ckpt is not None and opt.resume:
             self._resume_state(self.ckpt)
         self.scheduler.last_epoch = self.start_epoch - 1
+        # --time plans the epoch count after the first epoch; a resumed run has the plan made before
+        self.epochs_planned = not opt.time or self.start_epoch > 0
         if rank_is_ddp(self.rank):
             self.model = DDP(self.model, device_ids=[self.device.index] if self.cuda else None)
         # fp16 AMP is CUDA-only, and only fp16 needs its gradients scaled
@@ -225,10 +227,11 @@ class Trainer:
     def _fit_to_budget(self, epoch: int, elapsed_s: float, train_s: float, val_s: float) -> None:
         """--time: re-plan the number of epochs so that training ends within the budget.
 
-        The LR schedule is stretched or shrunk to the new length, so it still ends at lr0 * lrf. In DDP,
+        The LR schedule is stretched or shrunk to the new length, so it still spans the whole run. In DDP,
         every rank follows rank 0's plan.
         """
         opt = self.opt
+        self.epochs_planned = True
         epochs = epochs_within_budget(epoch, opt.time * 3600, elapsed_s, train_s, val_s)
         if rank_is_ddp(self.rank):
             plan = torch.tensor([float(epochs)], device=self.device if self.cuda else "cpu")
@@ -275,8 +278,9 @@ class Trainer:
             mloss = (mloss * i + loss_items) / (i + 1)
             if self.main:
                 mem = f"{torch.cuda.memory_reserved() / 1e9 if self.cuda else 0:.3g}G"
+                last = opt.epochs - 1 if self.epochs_planned else "?"
                 pbar.set_description(("%11s" * 2 + "%11.4g" * 5)
-                                     % (f"{epoch}/{opt.epochs - 1}", mem, *mloss, targets.shape[0], imgs.shape[-1]))  # fmt: skip
+                                     % (f"{epoch}/{last}", mem, *mloss, targets.shape[0], imgs.shape[-1]))  # fmt: skip
                 if self.plots and epoch == self.start_epoch and i < 3:
                     from utils.plots import plot_images
 
