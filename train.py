@@ -18,7 +18,7 @@ ROOT = Path(__file__).resolve().parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from utils.checkpoints import CheckpointError, load_checkpoint  # noqa: E402
+from utils.checkpoints import CheckpointError, load_checkpoint, resume_epoch  # noqa: E402
 from utils.general import LOGGER, check_file, increment_path, print_args, setup_logging, yaml_load  # noqa: E402
 from utils.trainer import TrainingDiverged  # noqa: E402
 
@@ -94,6 +94,7 @@ def resolve_resume(opt: argparse.Namespace) -> argparse.Namespace:
     saved = dict(ckpt.get("train_args") or {})
     if not saved:
         raise ValueError(f"{last} holds no training arguments; start a new run with --weights {last}")
+    resume_epoch(ckpt, int(saved.get("epochs", 0)), last)  # a finished run: say so before building anything
     new = argparse.Namespace(**{**vars(parse_opt([])), **saved})
     new.weights, new.resume, new.cfg = str(last), True, ""
     new.device, new.workers = opt.device, opt.workers  # the machine may have changed

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import math
+import re
 from pathlib import Path
 
 import cv2
@@ -161,8 +162,10 @@ def test_load_streams_from_streams_file(assets, tmp_path):
     assert 1 <= len(batches) <= VIDEO["frames"]
     sources, im, im0s, cap, _ = batches[0]
     assert im.shape[0] == 1 and im.shape[1] == 3 and len(im0s) == 1 and cap is None
-    with pytest.raises(SourceError, match="failed to open stream"):
-        LoadStreams(str(tmp_path / "no_such_camera.mp4"))
+    missing = tmp_path / "no_such_camera.mp4"
+    expected = re.escape(f"failed to open stream '{missing}' (check the camera index or URL)")
+    with pytest.raises(SourceError, match=expected):
+        LoadStreams(str(missing))
 
 
 # ------------------------------------------------------------------------------------------ detect

@@ -150,6 +150,14 @@ def test_resume_keeps_the_epochs_a_time_budget_planned(tmp_path):
     assert opt.resume is True and opt.epochs == 7 and opt.time is None
 
 
+def test_resuming_a_finished_run_says_so_before_building_anything(tmp_path):
+    """The dataset of the finished run is gone: the message must come before anything looks for it."""
+    last = make_tiny_checkpoint(tmp_path / "exp" / "weights" / "last.pt", epoch=6,
+                                train_args={"epochs": 7, "data": str(tmp_path / "gone.yaml")})  # fmt: skip
+    with pytest.raises(ValueError, match=r"finished 7 epochs already; nothing to resume.*--weights"):
+        train.resolve_resume(train.parse_opt(["--resume", str(last)]))
+
+
 @pytest.mark.parametrize("name", ["SGD", "Adam", "AdamW"])
 def test_optimizer_is_fused_where_torch_can_and_steps_like_the_per_tensor_loop(monkeypatch, name):
     """build_optimizer asks for torch's fused kernel when it has one; the update is the same."""

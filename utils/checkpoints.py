@@ -77,6 +77,16 @@ def for_inference(ckpt: dict[str, Any]) -> dict[str, Any]:
     return {**ckpt, "model": ckpt.get("ema") or ckpt["model"], "ema": None, "optimizer": None, "updates": 0}
 
 
+def resume_epoch(ckpt: dict[str, Any], epochs: int, path: str | Path) -> int:
+    """The epoch a run resumed from ``ckpt`` starts at; ValueError where all ``epochs`` are done."""
+    start = int(ckpt.get("epoch", -1)) + 1
+    if start >= epochs:
+        raise ValueError(
+            f"{path} finished {epochs} epochs already; nothing to resume. Start a new run with --weights {path}"
+        )
+    return start
+
+
 def save_checkpoint(ckpt: dict[str, Any], path: str | Path) -> None:
     """Write atomically: a temp file in the same folder, fsync, then rename over the target.
 

@@ -209,7 +209,7 @@ class _StreamReader:
         self.cap = cv2.VideoCapture(int(source) if source.isnumeric() else source)
         if not self.cap.isOpened():
             self.cap.release()
-            raise SourceError(f"failed to open stream {index}: {source} (check the camera index or URL)")
+            raise SourceError(f"failed to open stream {source!r} (check the camera index or URL)")
         ok, frame = self.cap.read()
         if not ok or frame is None:
             self.cap.release()

@@ -22,7 +22,7 @@ from tqdm import tqdm
 
 from utils.autoanchor import check_anchors
 from utils.callbacks import Callbacks, ResultsLogger
-from utils.checkpoints import build_checkpoint, for_inference, save_checkpoint
+from utils.checkpoints import build_checkpoint, for_inference, resume_epoch, save_checkpoint
 from utils.dataloaders import create_dataloader
 from utils.dataset_config import check_dataset
 from utils.distributed import GlobalMeanLoss, local_main_first
@@ -171,10 +171,7 @@ class Trainer:
             self.ema.ema.load_state_dict(ckpt["ema"])
             self.ema.updates = int(ckpt.get("updates", 0))
         self.best_fitness = float(ckpt.get("best_fitness", 0.0))
-        self.start_epoch = int(ckpt["epoch"]) + 1
-        if self.start_epoch >= self.opt.epochs:
-            raise ValueError(f"{self.opt.weights} finished {self.opt.epochs} epochs already; nothing to resume. "
-                             "Start a new run with --weights instead")  # fmt: skip
+        self.start_epoch = resume_epoch(ckpt, self.opt.epochs, self.opt.weights)
         LOGGER.info(
             f"Resuming training from {self.opt.weights} at epoch {self.start_epoch} of {self.opt.epochs}"
         )
