@@ -8,6 +8,7 @@ import json
 import logging
 import sys
 import types
+import warnings
 from pathlib import Path
 
 import pytest
@@ -156,7 +157,9 @@ def test_onnx_dnn_backend_matches(small):
 
 def test_every_file_carries_its_metadata(small):
     run = small["fixed"]
-    _, ts_meta = load_torchscript(run.result("torchscript").path)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FutureWarning)  # torch.jit.load's deprecation notice is not for users
+        _, ts_meta = load_torchscript(run.result("torchscript").path)
     props = {p.key: p.value for p in onnx.load(str(run.result("onnx").path)).metadata_props}
     for raw in (ts_meta, props):
         meta = ExportMetadata.from_dict(raw)
@@ -388,6 +391,21 @@ def test_metadata_round_trips_through_every_spelling():
     assert ExportMetadata.from_dict(json.loads(meta.to_json())).to_dict() == meta.to_dict()
     with pytest.raises(ValueError, match="lacks stride, names"):
         ExportMetadata.from_dict({"imgsz": "[64, 64]"}, source="x.onnx")
+
+
+def test_quiet_loggers_raises_levels_inside_and_restores_them(caplog):
+    from utils.export.common import quiet_loggers
+
+    chatty, other = logging.getLogger("test.chatty"), logging.getLogger("test.other")
+    chatty.setLevel(logging.INFO)
+    with caplog.at_level(logging.INFO, logger="test"):
+        with quiet_loggers("test.chatty"), quiet_loggers("test.other", level=logging.ERROR):
+            chatty.info("per-layer chatter")
+            chatty.warning("a real warning")
+            other.warning("no CUDA")
+        chatty.info("after")
+    assert [r.getMessage() for r in caplog.records] == ["a real warning", "after"]
+    assert chatty.level == logging.INFO and other.level == logging.NOTSET
 
 
 def test_int8_openvino_exports_get_their_own_folder():

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib
+import logging
 import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -96,3 +97,17 @@ def quiet_tracing() -> Iterator[None]:
         for category in (torch.jit.TracerWarning, FutureWarning, DeprecationWarning, UserWarning):
             warnings.simplefilter("ignore", category)
         yield
+
+
+@contextlib.contextmanager
+def quiet_loggers(*names: str, level: int = logging.WARNING) -> Iterator[None]:
+    """Raise other libraries' loggers to at least ``level`` while the block runs."""
+    loggers = [logging.getLogger(n) for n in names]
+    before = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(max(level, lg.getEffectiveLevel()))
+    try:
+        yield
+    finally:
+        for lg, lvl in zip(loggers, before):
+            lg.setLevel(lvl)

@@ -7,6 +7,7 @@ own PyTorch tracing. INT8 uses NNCF post-training quantisation calibrated on a d
 
 from __future__ import annotations
 
+import logging
 import tempfile
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -17,7 +18,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from utils.export.common import require
+from utils.export.common import quiet_loggers, require
 from utils.export.metadata import OPENVINO_METADATA, ExportMetadata
 from utils.export.onnx_format import trace_to_onnx
 from utils.general import LOGGER, yaml_load, yaml_save
@@ -68,13 +69,15 @@ def quantize_int8(ov_model: Any, calibration: Iterable[np.ndarray], subset_size:
     if not batches:
         raise ValueError("--int8: the calibration set is empty; check --data")
     LOGGER.info(f"OpenVINO: INT8 quantisation with NNCF {nncf.__version__} on {len(batches)} batches")
-    return nncf.quantize(
-        ov_model,
-        nncf.Dataset(batches),
-        preset=nncf.QuantizationPreset.MIXED,
-        subset_size=min(subset_size, len(batches)),
-        ignored_scope=nncf.IgnoredScope(types=INT8_IGNORED_TYPES, validate=False),
-    )
+    # nncf logs each layer it leaves in float at INFO; torch warns of no CUDA when nncf loads its extensions
+    with quiet_loggers("nncf"), quiet_loggers("torch.utils.cpp_extension", level=logging.ERROR):
+        return nncf.quantize(
+            ov_model,
+            nncf.Dataset(batches),
+            preset=nncf.QuantizationPreset.MIXED,
+            subset_size=min(subset_size, len(batches)),
+            ignored_scope=nncf.IgnoredScope(types=INT8_IGNORED_TYPES, validate=False),
+        )
 
 
 def calibration_batches(data: str | Path, imgsz: tuple[int, int], batch_size: int, stride: int,

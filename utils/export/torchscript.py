@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import warnings
 from pathlib import Path
 
 import torch
@@ -39,7 +40,9 @@ def load_torchscript(
 ) -> tuple[torch.jit.ScriptModule, dict]:
     """(module, metadata dict from config.txt, {} when there is none) of a .torchscript file."""
     files = {TORCHSCRIPT_CONFIG: ""}
-    module = torch.jit.load(str(path), map_location=map_location, _extra_files=files)
+    with warnings.catch_warnings():  # TorchScript is deprecated upstream; the format is still supported here
+        warnings.filterwarnings("ignore", message=r"`?torch\.jit\.load`? is deprecated", category=FutureWarning)
+        module = torch.jit.load(str(path), map_location=map_location, _extra_files=files)
     raw = files[TORCHSCRIPT_CONFIG]
     return module, (json.loads(raw) if raw else {})
 
