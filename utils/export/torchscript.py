@@ -41,7 +41,9 @@ def load_torchscript(
     """(module, metadata dict from config.txt, {} when there is none) of a .torchscript file."""
     files = {TORCHSCRIPT_CONFIG: ""}
     with warnings.catch_warnings():  # TorchScript is deprecated upstream; the format is still supported here
-        warnings.filterwarnings("ignore", message=r"`?torch\.jit\.load`? is deprecated", category=FutureWarning)
+        warnings.filterwarnings(
+            "ignore", message=r"`?torch\.jit\.load`? is deprecated", category=FutureWarning
+        )
         module = torch.jit.load(str(path), map_location=map_location, _extra_files=files)
     raw = files[TORCHSCRIPT_CONFIG]
     return module, (json.loads(raw) if raw else {})
