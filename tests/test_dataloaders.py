@@ -17,6 +17,7 @@ from utils.dataloaders import (
     get_image_files,
     img2label_paths,
     rect_batch_shapes,
+    start_workers,
 )
 from utils.general import LOGGER
 
@@ -139,6 +140,23 @@ def test_rect_batches(dataset_dir: Path):
         assert_targets_on_pixels(ims, targets)
     shapes = rect_batch_shapes(np.array([[200, 100], [200, 150]]), np.array([0, 0]), 640, 32, 0.0)
     assert shapes.tolist() == [[480, 640]]
+
+
+def test_workers_started_early_serve_every_batch_later(dataset_dir: Path):
+    """start_workers forks a persistent loader's workers at once; the next pass over the loader still
+    yields every batch once, in order, from those same processes."""
+    loader, ds = create_dataloader(dataset_dir, 128, 4, 32, rect=True, workers=2, pad=0.5, nc=3)
+    expected = [paths for _, _, paths, _ in create_dataloader(dataset_dir, 128, 4, 32, rect=True, workers=0,
+                                                               pad=0.5, nc=3)[0]]  # fmt: skip
+    start_workers(loader)
+    workers = [w.pid for w in loader._iterator._workers]
+    assert len(workers) == 2 and all(w.is_alive() for w in loader._iterator._workers)
+    for _ in range(2):  # the pass right after the start, and one more
+        assert [paths for _, _, paths, _ in loader] == expected
+    assert [w.pid for w in loader._iterator._workers] == workers
+    plain, _ = create_dataloader(dataset_dir, 128, 4, 32, workers=0, nc=3)
+    start_workers(plain)  # no workers to start: nothing happens
+    assert plain._iterator is None
 
 
 def test_augmented_mosaic_and_flips_keep_boxes_on_pixels(dataset_dir: Path):

@@ -23,7 +23,7 @@ from tqdm import tqdm
 from utils.autoanchor import check_anchors
 from utils.callbacks import Callbacks, ResultsLogger
 from utils.checkpoints import build_checkpoint, for_inference, resume_epoch, save_checkpoint
-from utils.dataloaders import create_dataloader
+from utils.dataloaders import create_dataloader, start_workers
 from utils.dataset_config import check_dataset
 from utils.distributed import GlobalMeanLoss, local_main_first
 from utils.general import LOGGER, check_img_size, colorstr, yaml_save
@@ -119,6 +119,7 @@ class Trainer:
                 self.data["val"], self.imgsz, batch * 2, self.gs, opt.single_cls, hyp=hyp, cache=None if opt.noval else opt.cache,
                 rect=True, rank=-1, workers=opt.workers * 2, pad=0.5, prefix=colorstr("val: "), nc=self.nc,
             )  # fmt: skip
+            start_workers(self.val_loader)  # forked before training grows the heap (see start_workers)
             if not opt.resume:
                 if not opt.noautoanchor:
                     check_anchors(self.dataset, self.model, thr=hyp["anchor_t"], imgsz=self.imgsz)
