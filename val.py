@@ -356,7 +356,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         with gc_frozen():  # no full-collection stalls between batches
             run_task(opt)
     except (FileNotFoundError, CheckpointError, ValueError) as e:
-        LOGGER.error(f"val.py: error: {e}")
+        LOGGER.error(f"ERROR: {e}")
         return 1
     return 0
 

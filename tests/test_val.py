@@ -301,7 +301,7 @@ def test_missing_files_give_one_line_errors(dataset_yaml, checkpoint, tmp_path, 
     common = ["--workers", "0", "--device", "cpu", "--project", str(tmp_path)]
     assert val.main(["--data", str(dataset_yaml), "--weights", str(tmp_path / "nope.pt"), *common]) == 1
     assert val.main(["--data", str(tmp_path / "nope.yaml"), "--weights", str(checkpoint), *common]) == 1
-    errors = [line for line in project_log if line.startswith("val.py: error:")]
+    errors = [line for line in project_log if line.startswith("ERROR: ")]
     assert len(errors) == 2
     assert "nope.pt" in errors[0] and "not found" in errors[0]
     assert "nope.yaml" in errors[1] and "not found" in errors[1]
