@@ -94,8 +94,9 @@ def _model_size(backend: AutoBackend, imgsz: list[int]) -> list[int]:
     if backend.imgsz is not None:
         fixed = [int(v) for v in backend.imgsz]
         if fixed != imgsz:
+            size = fixed[0] if fixed[0] == fixed[1] else f"{fixed[0]} {fixed[1]}"
             LOGGER.warning(
-                f"WARNING: {backend.weights.name} takes {fixed[0]}x{fixed[1]} inputs; using --imgsz {fixed}"
+                f"WARNING: {backend.weights.name} takes {fixed[0]}x{fixed[1]} inputs only; using --imgsz {size}"
             )
         return fixed
     return check_img_size(imgsz, backend.stride)

@@ -126,7 +126,7 @@ def _input_size(backend: AutoBackend, imgsz: int, batch_size: int) -> tuple[int,
                 f"this export has a fixed non-square input {h}x{w}; re-export it square to validate"
             )
         if h != imgsz:
-            LOGGER.warning(f"WARNING: this export takes {h}x{w} inputs only, using --imgsz {h}")
+            LOGGER.warning(f"WARNING: {backend.weights.name} takes {h}x{w} inputs only; using --imgsz {h}")
         imgsz = h
     fixed_batch = None if backend.dynamic else (getattr(backend, "batch_size", None) or 1)
     if fixed_batch is not None and batch_size != fixed_batch:

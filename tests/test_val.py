@@ -342,3 +342,22 @@ def test_half_overflow_is_rerun_in_fp32_or_reported(dataset_yaml, monkeypatch, p
     else:
         assert "evaluated again in fp32" in warning[0]
         assert (result.map50, result.map) == pytest.approx((1.0, 1.0), abs=1e-6)
+
+
+def test_fixed_size_exports_warn_alike_in_val_and_detect(project_log):
+    """Both scripts name the export and the size they switch to, in the same words."""
+    from types import SimpleNamespace
+
+    import detect
+
+    fixed = SimpleNamespace(
+        imgsz=(128, 128), weights=Path("w/best.onnx"), stride=32, dynamic=False, batch_size=1
+    )
+    assert val._input_size(fixed, 320, 4) == (128, 1)
+    assert detect._model_size(fixed, [320, 320]) == [128, 128]
+    wide = SimpleNamespace(**{**vars(fixed), "imgsz": (128, 192)})
+    assert detect._model_size(wide, [320, 320]) == [128, 192]
+    warnings = [line for line in project_log if line.startswith("WARNING: best.onnx takes")]
+    assert warnings == ["WARNING: best.onnx takes 128x128 inputs only; using --imgsz 128"] * 2 + [
+        "WARNING: best.onnx takes 128x192 inputs only; using --imgsz 128 192"
+    ]
