@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
 from pathlib import Path
 
@@ -21,6 +22,8 @@ if str(ROOT) not in sys.path:
 from utils.checkpoints import CheckpointError, load_checkpoint, resume_epoch  # noqa: E402
 from utils.general import LOGGER, check_file, increment_path, print_args, setup_logging, yaml_load  # noqa: E402
 from utils.trainer import TrainingDiverged  # noqa: E402
+
+SIGTERM_EXIT = 128 + signal.SIGTERM  # what sigterm_as_exit (utils/distributed.py) exits with
 
 LOCAL_RANK = int(os.getenv("LOCAL_RANK", -1))
 RANK = int(os.getenv("RANK", -1))
@@ -156,6 +159,11 @@ def main(opt: argparse.Namespace) -> int:
     except KeyboardInterrupt:
         LOGGER.error("Interrupted: the last saved checkpoint is intact; continue with --resume")
         return 130
+    except SystemExit as e:
+        if e.code != SIGTERM_EXIT:
+            raise
+        LOGGER.error("Terminated (SIGTERM): the last saved checkpoint is intact; continue with --resume")
+        return SIGTERM_EXIT
     return 0
 
 

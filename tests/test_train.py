@@ -129,6 +129,34 @@ def test_resume_after_kill_continues_from_saved_epoch(tiny_data, tmp_path):
     assert epochs[-1] == 3 and epochs[-(3 - saved_epoch) :] == list(range(saved_epoch + 1, 4))
 
 
+@pytest.mark.parametrize("group", [False, True], ids=["process", "process-group"])
+def test_sigterm_stops_like_ctrl_c_and_keeps_the_checkpoint(tiny_data, tmp_path, group):
+    """`kill PID` (or a scheduler signalling the whole group, loader workers included) ends the run
+    with one line and exit status 143; the saved checkpoint still loads and resumes."""
+    proc = subprocess.Popen(_train_cmd(tiny_data, tmp_path, "--epochs", "50", "--workers", "2"), cwd=ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)  # fmt: skip
+    last = tmp_path / "exp" / "weights" / "last.pt"
+    deadline = time.time() + 600
+    try:
+        while time.time() < deadline and proc.poll() is None and not last.exists():
+            time.sleep(0.2)
+        assert proc.poll() is None, "training finished before it could be stopped; make it longer"
+        time.sleep(1.0)  # into the next epoch, its loader workers running
+        if group:
+            os.killpg(proc.pid, signal.SIGTERM)
+        else:
+            os.kill(proc.pid, signal.SIGTERM)
+        output, _ = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 143, output[-3000:]
+    assert "Terminated (SIGTERM): the last saved checkpoint is intact; continue with --resume" in output
+    assert "Traceback" not in output, output[-3000:]
+    assert load_checkpoint(last)["epoch"] >= 0
+
+
 def test_label_class_out_of_range_stops_before_training(tiny_data, tmp_path):
     root = tiny_data.parent
     bad = tmp_path / "bad.yaml"

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import glob
 import os
+import signal
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -396,12 +397,16 @@ class IndexMapSampler(Sampler[int]):
 def seed_worker(worker_id: int) -> None:
     """Give each worker's dataset copy its own generator derived from the loader's seeded generator.
 
-    Also limits OpenCV to one thread inside the worker process, so workers do not oversubscribe cores.
+    Also limits OpenCV to one thread inside the worker process, so workers do not oversubscribe cores,
+    and leaves SIGTERM to the main process, as PyTorch's workers leave Ctrl-C: a scheduler or
+    ``kill`` signalling the whole process group stops training once (train.py ends it like Ctrl-C)
+    and the loader then shuts its workers down; they also exit by themselves if the main process dies.
     """
     info = torch.utils.data.get_worker_info()
     if info is not None:
         info.dataset.rng = np.random.default_rng(torch.initial_seed() % 2**32)
     cv2.setNumThreads(0)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
 def create_dataloader(

@@ -190,7 +190,8 @@ class GlobalMeanLoss(ComputeLoss):
 def sigterm_as_exit() -> Iterator[None]:
     """While active, SIGTERM raises SystemExit(143) so that finally blocks (atomic saves, log files) run.
 
-    torch.distributed.run sends SIGTERM to the surviving ranks when one rank fails or the job is cancelled.
+    torch.distributed.run sends SIGTERM to the surviving ranks when one rank fails or the job is cancelled;
+    ``kill`` and job schedulers send it to a single-process run.
     The previous handler is restored on exit; does nothing off the main thread.
     """
     if threading.current_thread() is not threading.main_thread():
@@ -227,7 +228,8 @@ def run_training(opt: Namespace, hyp: dict[str, Any], device: torch.device, loca
     from utils.trainer import Trainer
 
     if local_rank == -1:
-        return Trainer(opt, hyp, device).fit()
+        with sigterm_as_exit():  # `kill` or a job scheduler: unwind like Ctrl-C
+            return Trainer(opt, hyp, device).fit()
     with sigterm_as_exit():
         try:
             device = setup_ddp(device, local_rank, opt.device)
