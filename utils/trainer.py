@@ -156,8 +156,6 @@ class Trainer:
         if self.ckpt is not None and opt.resume:
             self._resume_state(self.ckpt)
         self.scheduler.last_epoch = self.start_epoch - 1
-        # --time plans the epoch count after the first epoch; a resumed run has the plan made before
-        self.epochs_planned = not opt.time or self.start_epoch > 0
         if rank_is_ddp(self.rank):
             self.model = DDP(self.model, device_ids=[self.device.index] if self.cuda else None)
         # fp16 AMP is CUDA-only, and only fp16 needs its gradients scaled
@@ -229,7 +227,6 @@ class Trainer:
         every rank follows rank 0's plan.
         """
         opt = self.opt
-        self.epochs_planned = True
         epochs = epochs_within_budget(epoch, opt.time * 3600, elapsed_s, train_s, val_s)
         if rank_is_ddp(self.rank):
             plan = torch.tensor([float(epochs)], device=self.device if self.cuda else "cpu")
@@ -276,7 +273,8 @@ class Trainer:
             mloss = (mloss * i + loss_items) / (i + 1)
             if self.main:
                 mem = f"{torch.cuda.memory_reserved() / 1e9 if self.cuda else 0:.3g}G"
-                last = opt.epochs - 1 if self.epochs_planned else "?"
+                # --time plans the epoch count after the first epoch (a resumed run keeps its plan, no --time)
+                last = opt.epochs - 1 if not opt.time or epoch > self.start_epoch else "?"
                 pbar.set_description(("%11s" * 2 + "%11.4g" * 5)
                                      % (f"{epoch}/{last}", mem, *mloss, targets.shape[0], imgs.shape[-1]))  # fmt: skip
                 if self.plots and epoch == self.start_epoch and i < 3:
