@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import signal
 import sys
 from pathlib import Path
 
@@ -22,8 +21,6 @@ if str(ROOT) not in sys.path:
 from utils.checkpoints import CheckpointError, load_checkpoint, resume_epoch  # noqa: E402
 from utils.general import LOGGER, check_file, increment_path, print_args, setup_logging, yaml_load  # noqa: E402
 from utils.trainer import TrainingDiverged  # noqa: E402
-
-SIGTERM_EXIT = 128 + signal.SIGTERM  # what sigterm_as_exit (utils/distributed.py) exits with
 
 LOCAL_RANK = int(os.getenv("LOCAL_RANK", -1))
 RANK = int(os.getenv("RANK", -1))
@@ -127,7 +124,7 @@ def check_options(opt: argparse.Namespace) -> argparse.Namespace:
 
 def main(opt: argparse.Namespace) -> int:
     setup_logging(rank=RANK)
-    from utils.distributed import check_ddp_options, run_training
+    from utils.distributed import SIGTERM_EXIT, check_ddp_options, run_training
     from utils.torch_utils import select_device
 
     try:

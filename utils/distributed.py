@@ -186,6 +186,9 @@ class GlobalMeanLoss(ComputeLoss):
 
 
 # ------------------------------------------------------------------------------------------------ run a rank
+SIGTERM_EXIT = 128 + signal.SIGTERM  # the exit status sigterm_as_exit raises, as a shell reports a SIGTERM
+
+
 @contextmanager
 def sigterm_as_exit() -> Iterator[None]:
     """While active, SIGTERM raises SystemExit(143) so that finally blocks (atomic saves, log files) run.
@@ -198,8 +201,8 @@ def sigterm_as_exit() -> Iterator[None]:
         yield
         return
 
-    def _exit(signum: int, _frame: Any) -> None:
-        raise SystemExit(128 + signum)
+    def _exit(_signum: int, _frame: Any) -> None:
+        raise SystemExit(SIGTERM_EXIT)
 
     previous = signal.signal(signal.SIGTERM, _exit)
     try:
@@ -212,7 +215,7 @@ def stop_reason(e: BaseException) -> str:
     """One line saying why a rank stopped."""
     if isinstance(e, KeyboardInterrupt):
         return "KeyboardInterrupt (Ctrl-C)"
-    if isinstance(e, SystemExit) and e.code == 128 + signal.SIGTERM:
+    if isinstance(e, SystemExit) and e.code == SIGTERM_EXIT:
         return "SIGTERM (another rank failed or the job was cancelled)"
     return f"{type(e).__name__}: {e}"
 
